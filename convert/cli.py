@@ -1,0 +1,117 @@
+"""`kt-convert SRC -o OUT`: pack a DeepSeek-V3/R1 GGUF into a ktpack folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ktpack.layouts import ids as L
+
+from .plan import GIB, ConvertOptions, Plan, PlanError, make_plan
+from .source import Source, SourceError
+from .writer import ConvertError, write
+
+_DEFAULTS = ConvertOptions()
+
+
+def open_source(src: Path) -> Source:
+    """Pick the reader by what the path is (never by its name beyond the extension)."""
+    if src.is_dir() or src.suffix == ".safetensors":
+        raise SourceError(f"{src}: safetensors sources are not read yet (GGUF only in this version)")
+    from .gguf_source import open_gguf
+
+    return open_gguf(src)
+
+
+def format_plan(plan: Plan) -> str:
+    m = plan.manifest
+    lines = []
+    w = max(len(t.name) for t in m.tensors)
+    lines.append(f"{'tensor':<{w}}  {'source':<6} {'place':<6} {'layout':<15} {'bytes':>14}  nodes")
+    for t in m.tensors:
+        nodes = ",".join(str(p.node) for p in t.pieces if p.node is not None and p.nbytes) or "-"
+        lines.append(f"{t.name:<{w}}  {t.source_dtype:<6} {t.placement:<6} {t.layout:<15} {t.nbytes():>14,}  {nodes}")
+    lines.append("")
+    totals = plan.totals()
+    lines.append(f"{'part':<8} {'bytes':>18} {'GiB':>10}")
+    for key in sorted(totals, key=lambda k: (k != "gpu", k)):
+        lines.append(f"{key:<8} {totals[key]:>18,} {totals[key] / GIB:>10.3f}")
+    cpu = sum(v for k, v in totals.items() if k != "gpu")
+    lines.append(f"{'cpu':<8} {cpu:>18,} {cpu / GIB:>10.3f}")
+    for note in m.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def check_budgets(plan: Plan, opts: ConvertOptions) -> None:
+    totals = plan.totals()
+    gpu = totals.get("gpu", 0) if opts.target == "gpu" else 0
+    cpu = sum(v for k, v in totals.items() if k != "gpu") + (totals.get("gpu", 0) if opts.target == "cpu" else 0)
+    if opts.gpu_mem is not None and gpu > opts.gpu_mem * GIB:
+        raise PlanError(
+            f"plan does not fit: the GPU side needs {gpu / GIB:.2f} GiB, --gpu-mem is {opts.gpu_mem:g} GiB "
+            f"(use --target cpu, or a source with smaller attention/dense tensors)"
+        )
+    if opts.cpu_mem is not None and cpu > opts.cpu_mem * GIB:
+        raise PlanError(f"plan does not fit: the CPU side needs {cpu / GIB:.2f} GiB, --cpu-mem is {opts.cpu_mem:g} GiB")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (required unless --plan).")
+@click.option("--target", type=click.Choice(["gpu", "cpu"]), default=_DEFAULTS.target, show_default=True,
+              help="gpu: attention, shared expert, dense layers and head on the GPU (Marlin int4); "
+              "cpu: every big linear in the CPU layout.")
+@click.option("--cpu-layout", type=click.Choice(list(L.CPU_LAYOUT_CHOICES)), default=_DEFAULTS.cpu_layout,
+              show_default=True, help="Layout of routed experts (and CPU linears): ggml keeps the GGUF blocks "
+              "bit-exact; amx-* re-quantize into AMX/AVX-512 tiles.")
+@click.option("--gpu-layout", type=click.Choice(["marlin", "bf16"]), default=_DEFAULTS.gpu_layout,
+              show_default=True, help="Layout of GPU-side linears.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=str(_DEFAULTS.group_size),
+              show_default=True, help="amx-int4 group size along K.")
+@click.option("--numa-nodes", type=click.IntRange(1, 8), default=_DEFAULTS.numa_nodes, show_default=True,
+              help="Cut routed experts into this many NUMA slices (no weight stored twice).")
+@click.option("--gpu-mem", type=float, default=None, help="GPU memory budget in GiB; a plan that exceeds it is refused.")
+@click.option("--cpu-mem", type=float, default=None, help="CPU memory budget in GiB (all nodes).")
+@click.option("--rules", type=click.Path(path_type=Path), default=None, help="Placement rules TOML (default: DeepSeek-V3).")
+@click.option("--plan", "plan_only", is_flag=True, help="Print what goes where and the bytes per part; write nothing.")
+@click.option("--resume", is_flag=True, help="Continue a killed conversion from its journal.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (or partial conversion).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Print the packing decision of every tensor.")
+def main(src: Path, out: Path | None, target: str, cpu_layout: str, gpu_layout: str, group_size: str,
+         numa_nodes: int, gpu_mem: float | None, cpu_mem: float | None, rules: Path | None, plan_only: bool,
+         resume: bool, force: bool, quiet: bool, verbose: bool) -> None:  # fmt: skip
+    """Pack a DeepSeek-V3/R1 GGUF (one file or a split set) into a ktpack folder.
+
+    \b
+    Examples:
+      kt-convert r1-Q4_K_M-00001-of-00009.gguf -o r1-packed/
+      kt-convert r1.gguf --plan --target gpu --numa-nodes 2 --gpu-mem 24
+      kt-convert r1.gguf -o r1-cpu/ --target cpu --cpu-layout amx-int4
+    """
+    opts = ConvertOptions(target=target, cpu_layout=cpu_layout, gpu_layout=gpu_layout, numa_nodes=numa_nodes,
+                          gpu_mem=gpu_mem, cpu_mem=cpu_mem, group_size=int(group_size),
+                          rules=str(rules) if rules else None)  # fmt: skip
+    try:
+        if not plan_only and out is None:
+            raise click.UsageError("-o/--out is required (or pass --plan)")
+        source = open_source(src)
+        plan = make_plan(source, opts)
+        if plan_only or verbose:
+            click.echo(format_plan(plan), err=not plan_only)
+        check_budgets(plan, opts)
+        if plan_only:
+            return
+        for note in plan.manifest.notes:
+            click.echo(f"kt-convert: note: {note}", err=True)
+        summary = write(plan, out, force=force, resume=resume, progress=not quiet)
+        click.echo(summary.line(out), err=True)
+    except (SourceError, PlanError, ConvertError) as e:
+        click.echo(f"kt-convert: error: {e}", err=True)
+        sys.exit(2 if isinstance(e, PlanError) else 1)
+    except KeyboardInterrupt:
+        click.echo("kt-convert: interrupted; continue with --resume", err=True)
+        sys.exit(130)

@@ -1,0 +1,125 @@
+"""Turn one planned tensor into its packed bytes, chunk by chunk (bounded memory).
+
+`produce(pt)` yields `(piece_index, bytes)` in order for each piece; the concatenated chunks of a
+piece are exactly its bytes. Chunks are cut so that at most about CHUNK_VALUES source values are
+dequantized at once, whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from ktpack.layouts import amx, ggml, marlin, plain
+from ktpack.layouts import ids as L
+
+from .plan import PlannedTensor
+
+CHUNK_VALUES = 1 << 23  # 8 Mi values = 32 MiB of float32 per chunk
+
+
+def _row_chunks(n_rows: int, row_len: int, multiple: int) -> Iterator[tuple[int, int]]:
+    step = max(multiple, (CHUNK_VALUES // max(row_len, 1)) // multiple * multiple)
+    for lo in range(0, n_rows, step):
+        yield lo, min(n_rows, lo + step)
+
+
+def _slice_index(shape: tuple[int, ...], axis: int | None, lo: int, hi: int, lead: int | None) -> tuple:
+    """numpy index (over logical axes) of one leading matrix `lead` restricted to [lo, hi) on `axis`."""
+    idx: list[slice | int] = [slice(None)] * len(shape)
+    if lead is not None:
+        idx[0] = lead
+    if axis is not None:
+        idx[axis] = slice(lo, hi)
+    return tuple(idx)
+
+
+def _raw_index(pt: PlannedTensor, idx: tuple) -> np.ndarray:
+    """Source bytes for a logical index whose last-axis slice is cut at block boundaries."""
+    raw = pt.src.raw()
+    *head, last = idx
+    if isinstance(last, slice) and last != slice(None):
+        bv, bb = ggml.block_geometry(pt.src.dtype)
+        lo, hi = last.start, last.stop
+        assert lo % bv == 0 and hi % bv == 0, "K cut must fall on block boundaries"
+        last = slice(lo // bv * bb, hi // bv * bb)
+    return raw[(*head, last)]
+
+
+def produce(pt: PlannedTensor) -> Iterator[tuple[int, bytes]]:
+    e = pt.entry
+    shape = tuple(e.shape)
+    layout, params = e.layout, e.params
+    parts_per_slice = 2 if layout == L.MARLIN_INT4 else 1
+    for si, (_node, axis, lo, hi) in enumerate(pt.slices):
+        base = si * parts_per_slice
+        if axis is not None and hi <= lo:
+            continue  # an empty NUMA slice
+        leads: list[int | None] = list(range(shape[0])) if len(shape) == 3 else [None]
+        for lead in leads:
+            idx = _slice_index(shape, axis, lo, hi, lead)
+            if layout == L.GGML_ROWS:
+                yield from ((base, b) for b in _ggml_chunks(pt, idx, params))
+            elif layout == L.PLAIN:
+                yield from ((base, b) for b in _plain_chunks(pt, idx, params))
+            elif layout in (L.AMX_BF16, L.AMX_INT8, L.AMX_INT4):
+                kind = {L.AMX_BF16: "bf16", L.AMX_INT8: "int8", L.AMX_INT4: "int4"}[layout]
+                w = pt.src.values(_to_raw_idx(pt, idx))
+                yield base, amx.pack(kind, w, **params).tobytes()
+            elif layout == L.MARLIN_INT4:
+                yield from _marlin_chunks(pt, idx, params, base)
+            else:
+                raise AssertionError(layout)
+
+
+def _to_raw_idx(pt: PlannedTensor, idx: tuple) -> tuple:
+    """Translate a logical index to a raw-byte index (K cuts in bytes)."""
+    *head, last = idx
+    if isinstance(last, slice) and last != slice(None):
+        bv, bb = ggml.block_geometry(pt.src.dtype)
+        last = slice(last.start // bv * bb, last.stop // bv * bb)
+    return (*head, last)
+
+
+def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
+    raw = _raw_index(pt, idx)  # (..., rows, row_bytes)
+    if raw.ndim == 1:
+        raw = raw.reshape(1, -1)
+    rows = params["rows"]
+    for lo, hi in _row_chunks(raw.shape[-2], raw.shape[-1], rows):
+        yield ggml.pack(raw[..., lo:hi, :], params["ggml_type"], rows).tobytes()
+
+
+def _plain_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
+    raw = _raw_index(pt, idx)
+    if raw.ndim <= 1:
+        yield plain.pack(pt.src.values(_to_raw_idx(pt, idx)), params["dtype"]).tobytes()
+        return
+    for lo, hi in _row_chunks(raw.shape[-2], raw.shape[-1], 1):
+        sub = _to_raw_idx(pt, idx)
+        sub = (*sub[:-2], _compose(sub[-2], lo, hi), sub[-1])
+        yield plain.pack(pt.src.values(sub), params["dtype"]).tobytes()
+
+
+def _compose(s: slice | int, lo: int, hi: int) -> slice:
+    start = 0 if not isinstance(s, slice) or s.start is None else s.start
+    return slice(start + lo, start + hi)
+
+
+def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> Iterator[tuple[int, bytes]]:
+    """Marlin's packed rows (qweight [K/16, 2N], scales [K/g, N]) follow K, so a matrix is streamed
+    in K chunks; each piece still receives its bytes in order."""
+    g = params["group_size"]
+    n, k = pt.src.shape[-2], pt.src.shape[-1]
+    bv, bb = ggml.block_geometry(pt.src.dtype)
+    unit = math.lcm(g, bv, 16)
+    step = max(unit, (CHUNK_VALUES // n) // unit * unit)
+    for k0 in range(0, k, step):
+        k1 = min(k, k0 + step)
+        raw = pt.src.raw()[(*idx[:-1], slice(k0 // bv * bb, k1 // bv * bb))]
+        w = ggml.dequantize(raw, pt.src.dtype).reshape(*raw.shape[:-1], k1 - k0)
+        qw, sc = marlin.pack(w, g, k_total=k)
+        yield base, np.ascontiguousarray(qw).tobytes()
+        yield base + 1, np.ascontiguousarray(sc).tobytes()

@@ -1,0 +1,180 @@
+"""The streaming writer: planned tensors -> files at their planned offsets, atomically, resumably.
+
+Everything is written under `<out>.ktpack-partial/`; `manifest.json` is written last and the folder
+is renamed to `<out>` only when it is complete. A journal (`journal.jsonl`) records every finished
+tensor with its checksums, so `--resume` continues a killed run: the plan is deterministic, each
+tensor has fixed offsets, and unfinished tensors are simply written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .plan import Plan
+from .produce import produce
+
+PARTIAL_SUFFIX = ".ktpack-partial"
+JOURNAL = "journal.jsonl"
+
+
+class ConvertError(RuntimeError):
+    """The conversion could not be completed (output exists, write failed, ...)."""
+
+
+@dataclass
+class Summary:
+    tensors: int
+    bytes: int
+    seconds: float
+
+    def line(self, out: Path) -> str:
+        mbs = self.bytes / 1e6 / max(self.seconds, 1e-9)
+        return (
+            f"kt-convert: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+            f"({mbs:.0f} MB/s) -> {out}"
+        )
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def _read_journal(tmp: Path, plan_hash: str) -> dict[str, list[str]]:
+    path = tmp / JOURNAL
+    done: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise ConvertError(f"{tmp}: partial conversion has no journal; start over with --force") from None
+    if not lines or json.loads(lines[0]).get("plan") != plan_hash:
+        raise ConvertError(
+            f"{tmp}: the partial conversion was made from another source or other options; "
+            f"start over with --force"
+        )
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by the kill: that tensor is written again
+        done[rec["tensor"]] = rec["sha256"]
+    return done
+
+
+def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, progress: bool = True) -> Summary:
+    out = Path(out)
+    tmp = partial_dir(out)
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: output exists; pass --force to replace it")
+    plan_hash = plan.plan_hash()
+    done: dict[str, list[str]] = {}
+    if tmp.exists():
+        if resume:
+            done = _read_journal(tmp, plan_hash)
+        elif force:
+            shutil.rmtree(tmp)
+        else:
+            raise ConvertError(
+                f"{tmp}: a partial conversion is there; pass --resume to continue it or --force to start over"
+            )
+    t0 = time.perf_counter()
+    m = plan.manifest
+    fds: dict[str, int] = {}
+    try:
+        for f in m.files:
+            (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
+        journal = open(tmp / JOURNAL, "a")
+        if not done:
+            journal.seek(0)
+            journal.truncate()
+            journal.write(json.dumps({"plan": plan_hash}) + "\n")
+            journal.flush()
+        for f in m.files:
+            if f.kind in ("cpu_shard", "safetensors"):
+                fd = os.open(tmp / f.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fds[f.path] = fd
+                os.ftruncate(fd, f.size)
+                header = plan.shard_headers.get(f.path) or plan.st_headers[f.path]
+                _pwrite_all(fd, header, 0)
+        total = sum(pt.entry.nbytes() for pt in plan.tensors)
+        written = 0
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="kt-convert", disable=not progress, mininterval=0.5)
+        for pt in plan.tensors:
+            e = pt.entry
+            if e.name in done and len(done[e.name]) == len(e.pieces):
+                for p, h in zip(e.pieces, done[e.name], strict=True):
+                    p.sha256 = h
+                bar.update(e.nbytes())
+                continue
+            hashers = [hashlib.sha256() for _ in e.pieces]
+            pos = [0] * len(e.pieces)
+            for i, chunk in produce(pt):
+                p = e.pieces[i]
+                if pos[i] + len(chunk) > p.nbytes:
+                    raise AssertionError(f"{e.name}: produced more bytes than planned for piece {i}")
+                _pwrite_all(fds[p.file], chunk, p.offset + pos[i])
+                hashers[i].update(chunk)
+                pos[i] += len(chunk)
+                bar.update(len(chunk))
+            for i, p in enumerate(e.pieces):
+                if pos[i] != p.nbytes:
+                    raise AssertionError(f"{e.name}: piece {i} got {pos[i]} bytes, planned {p.nbytes}")
+                p.sha256 = hashers[i].hexdigest()
+            journal.write(json.dumps({"tensor": e.name, "sha256": [p.sha256 for p in e.pieces]}) + "\n")
+            journal.flush()
+            written += e.nbytes()
+        bar.close()
+        for name, content in plan.aux_files.items():
+            (tmp / name).write_bytes(content)
+        for fd in fds.values():
+            os.fsync(fd)
+        m.save(tmp)
+        _fsync_path(tmp / "manifest.json")
+        journal.close()
+        (tmp / JOURNAL).unlink()
+    except OSError as e:
+        where = e.filename or tmp
+        raise ConvertError(
+            f"{where}: write failed ({e.strerror or e}); the unfinished output stays in {tmp} "
+            f"(continue with --resume once the cause is fixed)"
+        ) from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if out.exists():  # --force: replace the old folder only now that the new one is complete
+        old = out.with_name(out.name + ".ktpack-old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    _fsync_path(out.parent)
+    return Summary(tensors=len(plan.tensors), bytes=sum(pt.entry.nbytes() for pt in plan.tensors),
+                   seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        view = view[n:]
+        offset += n
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

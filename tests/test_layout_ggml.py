@@ -1,0 +1,148 @@
+"""Lossless layouts: ggml rows and plain f32/bf16, and NUMA slicing.
+
+What can go wrong: an interleave that is not a bijection (bytes lost or swapped between rows),
+a tail group of rows handled differently from full groups, a NUMA cut that drops or repeats a
+column. The bar is therefore byte equality, never a tolerance.
+"""
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gg_dequantize
+
+from ktpack.layouts import ggml, numa, plain
+from ktpack.layouts.errors import LayoutError
+from ktpack.layouts.ids import GGML_ROWS_PER_GROUP
+from ktpack.convert.synth import kquants
+
+TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16", "F16", "F32"]
+
+
+def _raw(qtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Source bytes of a tensor of `shape` in `qtype`, via the project's quantizer."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    from gguf.constants import GGMLQuantizationType
+
+    raw = kquants.quantize(x, GGMLQuantizationType[qtype])
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(*shape[:-1], -1)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n_rows", [1, 7, 8, 19, 64])
+def test_ggml_roundtrip_bytes(qtype, n_rows):
+    raw = _raw(qtype, (3, n_rows, 512), seed=n_rows)
+    packed = ggml.pack(raw, qtype)
+    assert packed.size == ggml.nbytes((3, n_rows, 512), qtype)
+    back = ggml.unpack(packed, (3, n_rows, 512), qtype)
+    assert back.dtype == np.uint8
+    assert np.array_equal(back, raw.view(np.uint8).reshape(back.shape))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+def test_ggml_interleave_geometry(rows):
+    """Row r's block b of group g sits at group_start + (b * rows_g + r) * block_bytes."""
+    bv, bb = ggml.block_geometry("Q8_0")
+    n, nb = 2 * rows + 3, 5
+    raw = np.zeros((n, nb * bb), np.uint8)
+    for r in range(n):
+        for b in range(nb):
+            raw[r, b * bb : (b + 1) * bb] = (r * 16 + b) % 251
+    packed = ggml.pack(raw, "Q8_0", rows)
+    for r in range(n):
+        g, rr = divmod(r, rows)
+        rows_g = min(rows, n - g * rows)
+        for b in range(nb):
+            off = g * rows * nb * bb + (b * rows_g + rr) * bb
+            assert packed[off] == (r * 16 + b) % 251
+
+
+def test_ggml_stream_reads_rows_together():
+    """With the default group, one block of each of 8 rows is one contiguous run."""
+    bv, bb = ggml.block_geometry("Q4_K")
+    raw = _raw("Q4_K", (16, 1024))
+    packed = ggml.pack(raw, "Q4_K")
+    first_run = packed[: GGML_ROWS_PER_GROUP * bb].reshape(GGML_ROWS_PER_GROUP, bb)
+    assert np.array_equal(first_run, raw[:GGML_ROWS_PER_GROUP, :bb])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+def test_ggml_dequantize_matches_gguf(qtype):
+    from gguf.constants import GGMLQuantizationType
+
+    raw = _raw(qtype, (5, 768))
+    assert np.array_equal(ggml.dequantize(raw, qtype), gg_dequantize(raw, GGMLQuantizationType[qtype]))
+
+
+def test_ggml_rejects_bad_rows():
+    with pytest.raises(LayoutError, match="multiple of the Q4_K block"):
+        ggml.row_bytes("Q4_K", 300)
+    assert ggml.supports((4, 100), "Q8_0") is not None
+    assert ggml.supports((4, 256), "Q8_K") is not None  # Q8_K is an activation type
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_plain_roundtrip(dtype):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 33)).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, 1e-40, 3.0e38]
+    back = plain.unpack(plain.pack(x, dtype), x.shape, dtype)
+    if dtype == "f32":
+        assert np.array_equal(back.view(np.uint32), x.view(np.uint32))
+    else:  # exact for values already representable: packing twice changes nothing
+        again = plain.unpack(plain.pack(back, dtype), x.shape, dtype)
+        assert np.array_equal(again.view(np.uint32), back.view(np.uint32))
+
+
+def test_bf16_rounding_is_nearest_even():
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(10000) * 10.0 ** rng.integers(-30, 30, 10000)).astype(np.float32)
+    x[:3] = [np.nan, np.inf, -np.inf]
+    ours = plain.f32_to_bf16_bits(x)
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    finite = np.isfinite(x)
+    assert np.array_equal(ours[finite], ref[finite])
+    assert np.isnan(plain.bf16_bits_to_f32(ours[:1]))[0]
+    assert np.array_equal(plain.bf16_bits_to_f32(ours[1:3]), x[1:3])
+
+
+@pytest.mark.parametrize("nodes", range(1, 9))
+@pytest.mark.parametrize("size,unit", [(2048, 256), (256, 256), (512, 32), (100, 16), (7, 1)])
+def test_numa_bounds_cover_once(nodes, size, unit):
+    b = numa.split_bounds(size, nodes, unit)
+    assert len(b) == nodes and b[0][0] == 0 and b[-1][1] == size
+    for (lo, hi), (lo2, _) in zip(b, b[1:]):
+        assert hi == lo2 and lo <= hi
+    for lo, _ in b:
+        assert lo % unit == 0
+    sizes = [hi - lo for lo, hi in b if hi - lo]
+    assert max(sizes) - min(sizes) <= unit  # as even as the unit allows (tail aside)
+
+
+@pytest.mark.parametrize("nodes", range(1, 9))
+@pytest.mark.parametrize("qtype", TYPES)
+def test_numa_slices_join_to_source_bytes(nodes, qtype):
+    """Expert gate/up cut along rows, down along K at block boundaries: the joined slices give back the
+    unsplit tensor byte for byte, through pack/unpack of each slice."""
+    e, i, h = 2, 2048, 512
+    bv, bb = ggml.block_geometry(qtype)
+    up = _raw(qtype, (e, i, h), seed=3)
+    down = _raw(qtype, (e, h, i), seed=4)
+    unit = numa.common_unit(16, bv)
+    bounds = numa.split_bounds(i, nodes, unit)
+    up_parts, down_parts = [], []
+    for lo, hi in bounds:
+        s = up[:, lo:hi]
+        up_parts.append(ggml.unpack(ggml.pack(s, qtype), (e, hi - lo, h), qtype))
+        d = down[:, :, lo // bv * bb : hi // bv * bb]
+        down_parts.append(ggml.unpack(ggml.pack(d, qtype), (e, h, hi - lo), qtype) if hi > lo else d)
+    assert np.array_equal(np.concatenate(up_parts, axis=1), up.view(np.uint8).reshape(e, i, -1))
+    assert np.array_equal(np.concatenate(down_parts, axis=2), down.view(np.uint8).reshape(e, h, -1))
+
+
+def test_numa_rejects_bad_counts():
+    with pytest.raises(ValueError, match="1..8"):
+        numa.split_bounds(2048, 9, 256)
+    with pytest.raises(ValueError, match="1..8"):
+        numa.split_bounds(2048, 0, 256)
