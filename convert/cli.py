@@ -109,9 +109,16 @@ def main(src: Path, out: Path | None, target: str, cpu_layout: str, gpu_layout: 
             click.echo(f"kt-convert: note: {note}", err=True)
         summary = write(plan, out, force=force, resume=resume, progress=not quiet)
         click.echo(summary.line(out), err=True)
-    except (SourceError, PlanError, ConvertError) as e:
+    except PlanError as e:
+        click.echo(f"kt-convert: error: {src.name}: {e}", err=True)
+        sys.exit(2)
+    except (SourceError, ConvertError) as e:
         click.echo(f"kt-convert: error: {e}", err=True)
-        sys.exit(2 if isinstance(e, PlanError) else 1)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("kt-convert: interrupted; continue with --resume", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -186,10 +186,9 @@ def _expert_unit(source: Source, layer_prefix: str, layouts: dict[str, tuple[str
         if name not in layouts:
             continue
         layout, params = layouts[name]
-        if proj == "down":  # cut along K
-            if layout == L.GGML_ROWS:
-                units.append(ggml.block_geometry(params["ggml_type"])[0])
-            else:
+        if proj == "down":  # cut along K: on the source's blocks (they are read) and the layout's tiles
+            units.append(ggml.block_geometry(source.tensors[name].dtype)[0])
+            if layout != L.GGML_ROWS:
                 units.append(L.AMX_K_PER_TILE[layout])
     return numa.common_unit(*units)
 
@@ -214,6 +213,11 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
         st = source.tensors[name]
         role = role_of(name, rules)
         shape = st.shape
+        if st.dtype not in ggml.DEQUANTIZABLE:
+            raise PlanError(
+                f"tensor {name}: type {st.dtype} is not supported (no ktpack layout stores it and it "
+                f"cannot be re-quantized)"
+            )
         if role == "small":
             decided[name] = (role, "gpu", L.PLAIN, {"dtype": "f32"})
         elif role == "routed_expert":

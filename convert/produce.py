@@ -38,14 +38,7 @@ def _slice_index(shape: tuple[int, ...], axis: int | None, lo: int, hi: int, lea
 
 def _raw_index(pt: PlannedTensor, idx: tuple) -> np.ndarray:
     """Source bytes for a logical index whose last-axis slice is cut at block boundaries."""
-    raw = pt.src.raw()
-    *head, last = idx
-    if isinstance(last, slice) and last != slice(None):
-        bv, bb = ggml.block_geometry(pt.src.dtype)
-        lo, hi = last.start, last.stop
-        assert lo % bv == 0 and hi % bv == 0, "K cut must fall on block boundaries"
-        last = slice(lo // bv * bb, hi // bv * bb)
-    return raw[(*head, last)]
+    return pt.src.raw()[_to_raw_idx(pt, idx)]
 
 
 def produce(pt: PlannedTensor) -> Iterator[tuple[int, bytes]]:
@@ -65,9 +58,7 @@ def produce(pt: PlannedTensor) -> Iterator[tuple[int, bytes]]:
             elif layout == L.PLAIN:
                 yield from ((base, b) for b in _plain_chunks(pt, idx, params))
             elif layout in (L.AMX_BF16, L.AMX_INT8, L.AMX_INT4):
-                kind = {L.AMX_BF16: "bf16", L.AMX_INT8: "int8", L.AMX_INT4: "int4"}[layout]
-                w = pt.src.values(_to_raw_idx(pt, idx))
-                yield base, amx.pack(kind, w, **params).tobytes()
+                yield from ((base, b) for b in _amx_chunks(pt, idx, params))
             elif layout == L.MARLIN_INT4:
                 yield from _marlin_chunks(pt, idx, params, base)
             else:
@@ -75,12 +66,38 @@ def produce(pt: PlannedTensor) -> Iterator[tuple[int, bytes]]:
 
 
 def _to_raw_idx(pt: PlannedTensor, idx: tuple) -> tuple:
-    """Translate a logical index to a raw-byte index (K cuts in bytes)."""
+    """Translate a logical index to a raw-byte index (K cuts, on block boundaries, in bytes)."""
     *head, last = idx
     if isinstance(last, slice) and last != slice(None):
         bv, bb = ggml.block_geometry(pt.src.dtype)
+        assert last.start % bv == 0 and last.stop % bv == 0, "K cut must fall on block boundaries"
         last = slice(last.start // bv * bb, last.stop // bv * bb)
     return (*head, last)
+
+
+def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
+    """One amx matrix = [weight tiles in N-block order | scales in the same order | pad to 64].
+
+    Weight tiles of consecutive N-blocks are consecutive, and so are their scales, so a large
+    matrix is quantized N-block chunk by chunk: tiles are written as they come, the scales (1/32 of
+    the f32 size at most) are kept and written after the last chunk."""
+    kind = {L.AMX_BF16: "bf16", L.AMX_INT8: "int8", L.AMX_INT4: "int4"}[pt.entry.layout]
+    raw = _raw_index(pt, idx)
+    n, k = raw.shape[-2], pt.entry.shape[-1] if idx[-1] == slice(None) else idx[-1].stop - idx[-1].start
+    rows = L.TILE_N * params["n_block"]
+    scales: list[bytes] = []
+    for lo, hi in _row_chunks(n, k, rows):
+        w = ggml.dequantize(raw[..., lo:hi, :], pt.src.dtype).reshape(hi - lo, k)
+        buf = amx.pack(kind, w, **params)
+        wbytes = (hi - lo) // L.TILE_N * (k // L.AMX_K_PER_TILE[pt.entry.layout]) * L.TILE_BYTES
+        yield buf[:wbytes].tobytes()
+        if kind != "bf16":
+            sbytes = 4 * (hi - lo) * (1 if kind == "int8" else k // params["group_size"])
+            scales.append(buf[wbytes : wbytes + sbytes].tobytes())
+    tail = b"".join(scales)
+    pad = -len(tail) % amx.MATRIX_ALIGN
+    if tail or pad:
+        yield tail + b"\0" * pad
 
 
 def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:

@@ -33,6 +33,10 @@ SUPPORTED_TYPES: frozenset[str] = frozenset(
 )  # fmt: skip
 
 
+# Types whose values can be read (gguf-py has a dequantizer), so an amx layout can re-quantize them.
+DEQUANTIZABLE: frozenset[str] = SUPPORTED_TYPES | {"NVFP4"}
+
+
 def block_geometry(ggml_type: str) -> tuple[int, int]:
     """(values per block, bytes per block) of a ggml type."""
     try:
