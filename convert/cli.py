@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import click
-
 from ktpack.layouts import ids as L
 
 from .plan import GIB, ConvertOptions, Plan, PlanError, make_plan
@@ -61,21 +60,53 @@ def check_budgets(plan: Plan, opts: ConvertOptions) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (required unless --plan).")
-@click.option("--target", type=click.Choice(["gpu", "cpu"]), default=_DEFAULTS.target, show_default=True,
-              help="gpu: attention, shared expert, dense layers and head on the GPU (Marlin int4); "
-              "cpu: every big linear in the CPU layout.")
-@click.option("--cpu-layout", type=click.Choice(list(L.CPU_LAYOUT_CHOICES)), default=_DEFAULTS.cpu_layout,
-              show_default=True, help="Layout of routed experts (and CPU linears): ggml keeps the GGUF blocks "
-              "bit-exact; amx-* re-quantize into AMX/AVX-512 tiles.")
-@click.option("--gpu-layout", type=click.Choice(["marlin", "bf16"]), default=_DEFAULTS.gpu_layout,
-              show_default=True, help="Layout of GPU-side linears.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=str(_DEFAULTS.group_size),
-              show_default=True, help="amx-int4 group size along K.")
-@click.option("--numa-nodes", type=click.IntRange(1, 8), default=_DEFAULTS.numa_nodes, show_default=True,
-              help="Cut routed experts into this many NUMA slices (no weight stored twice).")
-@click.option("--gpu-mem", type=float, default=None, help="GPU memory budget in GiB; a plan that exceeds it is refused.")
+@click.option(
+    "--target",
+    type=click.Choice(["gpu", "cpu"]),
+    default=_DEFAULTS.target,
+    show_default=True,
+    help="gpu: attention, shared expert, dense layers and head on the GPU (Marlin int4); "
+    "cpu: every big linear in the CPU layout.",
+)
+@click.option(
+    "--cpu-layout",
+    type=click.Choice(list(L.CPU_LAYOUT_CHOICES)),
+    default=_DEFAULTS.cpu_layout,
+    show_default=True,
+    help="Layout of routed experts (and CPU linears): ggml keeps the GGUF blocks "
+    "bit-exact; amx-* re-quantize into AMX/AVX-512 tiles.",
+)
+@click.option(
+    "--gpu-layout",
+    type=click.Choice(["marlin", "bf16"]),
+    default=_DEFAULTS.gpu_layout,
+    show_default=True,
+    help="Layout of GPU-side linears.",
+)
+@click.option(
+    "--group-size",
+    type=click.Choice(["32", "64", "128"]),
+    default=str(_DEFAULTS.group_size),
+    show_default=True,
+    help="amx-int4 group size along K.",
+)
+@click.option(
+    "--numa-nodes",
+    type=click.IntRange(1, 8),
+    default=_DEFAULTS.numa_nodes,
+    show_default=True,
+    help="Cut routed experts into this many NUMA slices (no weight stored twice).",
+)
+@click.option(
+    "--gpu-mem", type=float, default=None, help="GPU memory budget in GiB; a plan that exceeds it is refused."
+)
 @click.option("--cpu-mem", type=float, default=None, help="CPU memory budget in GiB (all nodes).")
-@click.option("--rules", type=click.Path(path_type=Path), default=None, help="Placement rules TOML (default: DeepSeek-V3).")
+@click.option(
+    "--rules",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Placement rules TOML (default: DeepSeek-V3).",
+)
 @click.option("--plan", "plan_only", is_flag=True, help="Print what goes where and the bytes per part; write nothing.")
 @click.option("--resume", is_flag=True, help="Continue a killed conversion from its journal.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (or partial conversion).")

@@ -16,7 +16,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from ktpack.layouts.config import ModelConfig
 
 from .source import Source, SourceError, SourceTensor
@@ -162,7 +161,7 @@ class _GGUFFile:
             raw = raw.reshape(*shape[:-1], row_bytes) if len(shape) > 1 else raw
             out.append(SourceTensor(name=name, shape=shape, dtype=qt.name, file=self.path, _raw=raw))
         spans.sort()
-        for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:], strict=False):
+        for (_s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:], strict=False):
             if s1 < e0:
                 raise SourceError(
                     f"{self.path.name}: tensor {n0} overlaps tensor {n1}: its byte size disagrees with "
@@ -257,7 +256,9 @@ def open_gguf(path: Path | str) -> Source:
 V3_DEFAULTS = {"expert_group_count": 8, "expert_group_used_count": 4, "expert_gating_func": 2}
 
 
-def config_from_metadata(kv: dict[str, Any], tensors: dict[str, SourceTensor], notes: list[str], fname: str) -> ModelConfig:
+def config_from_metadata(
+    kv: dict[str, Any], tensors: dict[str, SourceTensor], notes: list[str], fname: str
+) -> ModelConfig:
     a = ARCH + "."
 
     def get(key: str, default: Any = None, required: bool = True) -> Any:
@@ -281,7 +282,9 @@ def config_from_metadata(kv: dict[str, Any], tensors: dict[str, SourceTensor], n
     has_kb = "blk.0.attn_k_b.weight" in tensors
     has_kvb = "blk.0.attn_kv_b.weight" in tensors
     if not (has_kb or has_kvb):
-        raise SourceError(f"{fname}: neither blk.0.attn_k_b nor blk.0.attn_kv_b is present: not a DeepSeek-V3 MLA model")
+        raise SourceError(
+            f"{fname}: neither blk.0.attn_k_b nor blk.0.attn_kv_b is present: not a DeepSeek-V3 MLA model"
+        )
 
     def fallback(key: str, meaning: str) -> Any:
         if a + key in kv:
@@ -314,9 +317,11 @@ def config_from_metadata(kv: dict[str, Any], tensors: dict[str, SourceTensor], n
     elif scaling_type not in ("none", None):
         raise SourceError(f"{fname}: rope scaling {scaling_type!r} is not supported (ktpack reads yarn or none)")
     q_lora = get("attention.q_lora_rank", 0, required=False)
-    vocab = get("vocab_size", 0, required=False) or len(kv.get("tokenizer.ggml.tokens", [])) or tensors[
-        "token_embd.weight"
-    ].shape[0]
+    vocab = (
+        get("vocab_size", 0, required=False)
+        or len(kv.get("tokenizer.ggml.tokens", []))
+        or tensors["token_embd.weight"].shape[0]
+    )
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=int(get("embedding_length")),

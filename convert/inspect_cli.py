@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
-
 from ktpack.layouts import manifest as mf
 from ktpack.layouts.errors import ManifestError
 from ktpack.layouts.tensor_io import tensor_values, verify
@@ -46,9 +44,18 @@ def table(m: mf.Manifest) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("packed", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@click.option("--verify", "do_verify", is_flag=True, help="Check every file size and checksum; exit 1 at the first mismatch.")
+@click.option(
+    "--verify",
+    "do_verify",
+    is_flag=True,
+    help="Check every file size and checksum; exit 1 at the first mismatch.",
+)
 @click.option("--extract", "extract", metavar="NAME", help="Tensor to write as float32 .npy (source name), or 'all'.")
-@click.option("--out", type=click.Path(path_type=Path), help="Where --extract writes (a .npy file, or a folder for 'all').")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Where --extract writes (a .npy file, or a folder for 'all').",
+)
 def main(packed: Path, as_json: bool, do_verify: bool, extract: str | None, out: Path | None) -> None:
     """Show what a packed folder holds (table, or --json), --verify it, or --extract tensors.
 

@@ -11,12 +11,12 @@ import hashlib
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from ktpack.layouts import amx, ggml, marlin, numa, plain
 from ktpack.layouts import ids as L
 from ktpack.layouts.manifest import FileEntry, Manifest, Piece, TensorEntry
@@ -222,13 +222,20 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
             decided[name] = (role, "gpu", L.PLAIN, {"dtype": "f32"})
         elif role == "routed_expert":
             if len(shape) != 3:
-                raise PlanError(f"tensor {name}: routed experts must be stacked [experts, rows, cols], got {list(shape)}")
+                raise PlanError(
+                    f"tensor {name}: routed experts must be stacked [experts, rows, cols], got {list(shape)}"
+                )
             layout, params = _cpu_layout_for(st.dtype, opts, name, role)
             decided[name] = (role, "cpu", layout, params)
             expert_layouts[name] = (layout, params)
         elif role == "embedding":
             if st.dtype in ggml.SUPPORTED_TYPES:
-                decided[name] = (role, "cpu", L.GGML_ROWS, {"ggml_type": st.dtype, "rows": L.GGML_ROWS_PER_GROUP})
+                decided[name] = (
+                    role,
+                    "cpu",
+                    L.GGML_ROWS,
+                    {"ggml_type": st.dtype, "rows": L.GGML_ROWS_PER_GROUP},
+                )
             else:
                 decided[name] = (role, "cpu", L.PLAIN, {"dtype": "bf16"})
         else:  # linear
@@ -276,7 +283,9 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
                 if layout != L.GGML_ROWS and hi > lo:
                     reason = _amx_supports(layout, params, tuple(shp))
                     if reason:
-                        raise PlanError(f"tensor {name}: node {node} slice {shp} cannot be stored as {layout}: {reason}")
+                        raise PlanError(
+                            f"tensor {name}: node {node} slice {shp} cannot be stored as {layout}: {reason}"
+                        )
                 pt.slices.append((node, axis, lo, hi))
                 for part, nb in layout_nbytes(layout, params, tuple(shp)).items():
                     fname = f"cpu/{stem}.node{node}.bin"
@@ -295,7 +304,9 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
                     fname = f"gpu/{stem}.safetensors"
                     dtype, _ = part_dtype_shape(layout, params, st.shape, part)
                     key = name if part == "data" else f"{name}.{part}"
-                    piece = Piece(file=fname, offset=0, nbytes=nb, shape=list(st.shape), part=part, key=key, dtype=dtype)
+                    piece = Piece(
+                        file=fname, offset=0, nbytes=nb, shape=list(st.shape), part=part, key=key, dtype=dtype
+                    )
                     file_node[fname] = None
                 entry.pieces.append(piece)
                 file_pieces.setdefault(fname, []).append((pt, piece))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from ktpack.layouts import ggml
 from ktpack.layouts.config import ModelConfig
 

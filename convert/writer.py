@@ -56,8 +56,7 @@ def _read_journal(tmp: Path, plan_hash: str) -> dict[str, list[str]]:
         raise ConvertError(f"{tmp}: partial conversion has no journal; start over with --force") from None
     if not lines or json.loads(lines[0]).get("plan") != plan_hash:
         raise ConvertError(
-            f"{tmp}: the partial conversion was made from another source or other options; "
-            f"start over with --force"
+            f"{tmp}: the partial conversion was made from another source or other options; start over with --force"
         )
     for line in lines[1:]:
         try:

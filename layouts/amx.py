@@ -153,9 +153,7 @@ def nbytes(
     return int(np.prod(shape[:-2], dtype=np.int64)) * _matrix_bytes(kind, n, k, group_size)[2]
 
 
-def block_index(
-    nt: np.ndarray | int, kb: np.ndarray | int, n_tiles: int, k_blocks: int, n_block: int
-) -> np.ndarray:
+def block_index(nt: np.ndarray | int, kb: np.ndarray | int, n_tiles: int, k_blocks: int, n_block: int) -> np.ndarray:
     """Index (in 1 KiB units, within one matrix) of the block of n-tile ``nt`` and K-block ``kb``."""
     nb = np.asarray(nt) // n_block
     ns = np.asarray(nt) % n_block
@@ -208,9 +206,7 @@ def bf16_bits(w: np.ndarray) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
     u = w.view(np.uint32)
     # Adding 0x7FFF plus the lowest kept bit and truncating is RNE; it never wraps for non-NaN values.
-    out = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(
-        np.uint16
-    )
+    out = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
     nan = np.isnan(w)
     if nan.any():
         out[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
@@ -394,9 +390,7 @@ def _split(kind: str, buf: np.ndarray, shape: tuple[int, ...], n_block: int, gro
     e = int(np.prod(shape[:-2], dtype=np.int64))
     wbytes, sbytes, total = _matrix_bytes(kind, n, k, group_size)
     if buf.size != e * total:
-        raise LayoutError(
-            f"{LAYOUT_IDS[kind]}: packed buffer has {buf.size} bytes, shape {shape} needs {e * total}"
-        )
+        raise LayoutError(f"{LAYOUT_IDS[kind]}: packed buffer has {buf.size} bytes, shape {shape} needs {e * total}")
     m = buf.reshape(e, total)
     return shape, e, n, k, m[:, :wbytes], m[:, wbytes : wbytes + sbytes]
 

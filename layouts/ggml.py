@@ -110,9 +110,7 @@ def pack(raw: np.ndarray, ggml_type: str, rows: int = GGML_ROWS_PER_GROUP) -> np
     return _interleave(m, rows, bb, inverse=False).reshape(-1)
 
 
-def unpack(
-    buf: np.ndarray, shape: tuple[int, ...], ggml_type: str, rows: int = GGML_ROWS_PER_GROUP
-) -> np.ndarray:
+def unpack(buf: np.ndarray, shape: tuple[int, ...], ggml_type: str, rows: int = GGML_ROWS_PER_GROUP) -> np.ndarray:
     """Inverse of `pack`: the source bytes, uint8 of shape (*shape[:-1], row_bytes)."""
     rb = row_bytes(ggml_type, shape[-1])
     lead = tuple(shape[:-1]) or (1,)

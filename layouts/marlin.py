@@ -67,9 +67,7 @@ WEIGHT_PERM_INV = np.argsort(WEIGHT_PERM)
 # Grouped scales: 8x8 transpose within each 64 columns, out[8i + j] = in[i + 8j].
 SCALE_PERM = np.array([i + 8 * j for i in range(8) for j in range(8)], dtype=np.int64)
 # One group (per-channel): out[8i + t] = in[2i + (0, 1, 8, 9, 16, 17, 24, 25)[t]] within each 32 columns.
-SCALE_PERM_SINGLE = np.array(
-    [2 * i + d for i in range(4) for d in (0, 1, 8, 9, 16, 17, 24, 25)], dtype=np.int64
-)
+SCALE_PERM_SINGLE = np.array([2 * i + d for i in range(4) for d in (0, 1, 8, 9, 16, 17, 24, 25)], dtype=np.int64)
 SCALE_PERM_INV = np.argsort(SCALE_PERM)
 SCALE_PERM_SINGLE_INV = np.argsort(SCALE_PERM_SINGLE)
 
@@ -127,8 +125,7 @@ def _check_chunk(shape: tuple[int, ...], group_size: int, k_total: int | None) -
     g = _resolve_group(group_size, kt)
     if k <= 0 or k > kt or k % g:
         raise LayoutError(
-            f"{LAYOUT_ID}: a K-chunk must be a positive multiple of group_size {g} and at most "
-            f"k_total={kt}, got K={k}"
+            f"{LAYOUT_ID}: a K-chunk must be a positive multiple of group_size {g} and at most k_total={kt}, got K={k}"
         )
     return g, g == kt
 

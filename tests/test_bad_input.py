@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ktpack.convert.writer import partial_dir
 
 

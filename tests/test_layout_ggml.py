@@ -8,11 +8,10 @@ column. The bar is therefore byte equality, never a tolerance.
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gg_dequantize
-
+from ktpack.convert.synth import kquants
 from ktpack.layouts import ggml, numa, plain
 from ktpack.layouts.errors import LayoutError
 from ktpack.layouts.ids import GGML_ROWS_PER_GROUP
-from ktpack.convert.synth import kquants
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16", "F16", "F32"]
 
@@ -112,7 +111,7 @@ def test_bf16_rounding_is_nearest_even():
 def test_numa_bounds_cover_once(nodes, size, unit):
     b = numa.split_bounds(size, nodes, unit)
     assert len(b) == nodes and b[0][0] == 0 and b[-1][1] == size
-    for (lo, hi), (lo2, _) in zip(b, b[1:]):
+    for (lo, hi), (lo2, _) in zip(b, b[1:], strict=False):
         assert hi == lo2 and lo <= hi
     for lo, _ in b:
         assert lo % unit == 0
