@@ -273,3 +273,34 @@ def test_tokenizer_written(tiny_dir, tmp_path):
     text = "Hello world 123 的 def f(x):\n    return x"
     assert tok.encode(text).ids == hf.encode(text).ids
     assert any(f.path == "tokenizer_config.json" for f in m.files)
+
+
+def test_missing_group_and_gating_keys_fall_back_and_say_so(tiny_dir, tmp_path):
+    """Older llama.cpp files lack expert_group_count/expert_group_used_count/expert_gating_func: the
+    reader falls back to DeepSeek-V3's values (8/4 groups when they divide the experts, sigmoid) and
+    records it in the manifest's notes."""
+    from ktpack.convert.synth.writer import write_gguf
+
+    keys = frozenset(f"deepseek2.{k}" for k in ("expert_group_count", "expert_group_used_count", "expert_gating_func"))
+    (src,) = write_gguf(tiny_dir / "hf", tmp_path / "old-Q8_0.gguf", "Q8_0", legacy=True, omit_keys=keys)
+    m = convert(src, tmp_path / "p", target="cpu")
+    assert m.config.n_group == 8 and m.config.topk_group == 4 and m.config.scoring_func == "sigmoid"
+    notes = " ".join(m.notes)
+    for k in keys:
+        assert f"{k} is missing" in notes
+    assert m.config.attention_layout == "kv_b"
+    check_against_source(tmp_path / "p", m, source_values(src))
+
+
+def test_chunked_packing_gives_the_same_bytes(tiny_dir, tmp_path, monkeypatch):
+    """Streaming in small chunks (as a 600 GB model is) writes the very bytes of one-shot packing."""
+    from ktpack.convert import produce
+
+    opts = {"target": "gpu", "cpu_layout": "amx-int4", "numa_nodes": 2}
+    convert(tiny_dir / "tiny-Q4_K_M.gguf", tmp_path / "big", **opts)
+    convert(tiny_dir / "tiny-Q4_K_M.gguf", tmp_path / "bigcpu", target="cpu", cpu_layout="amx-int8")
+    monkeypatch.setattr(produce, "CHUNK_VALUES", 4096)
+    convert(tiny_dir / "tiny-Q4_K_M.gguf", tmp_path / "small", **opts)
+    convert(tiny_dir / "tiny-Q4_K_M.gguf", tmp_path / "smallcpu", target="cpu", cpu_layout="amx-int8")
+    assert tree_digest(tmp_path / "big") == tree_digest(tmp_path / "small")
+    assert tree_digest(tmp_path / "bigcpu") == tree_digest(tmp_path / "smallcpu")

@@ -1,0 +1,21 @@
+"""Shared fixtures: the synthetic tiny DeepSeek-V3 family, made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """make_all("tiny") output: keys "hf", "F32".."Q4_K_M", "legacy-F32/Q8_0/Q4_K", "split-1..3"."""
+    from ktpack.convert.synth import make_all
+
+    return make_all(tmp_path_factory.mktemp("tiny_models"), preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_models: dict[str, Path]) -> Path:
+    """The folder holding the tiny family: hf/, tiny-<Q>.gguf, tiny-legacy-<Q>.gguf, split/."""
+    return tiny_models["hf"].parent
