@@ -1,6 +1,6 @@
 """Turn one planned tensor into its packed bytes, chunk by chunk (bounded memory).
 
-`produce(pt)` yields `(piece_index, bytes)` in order for each piece; the concatenated chunks of a
+`produce(pt)` yields `(piece_index, buffer)` in order for each piece; the concatenated chunks of a
 piece are exactly its bytes. Chunks are cut so that at most about CHUNK_VALUES source values are
 dequantized at once, whatever the size of the model.
 """
@@ -40,7 +40,7 @@ def _raw_index(pt: PlannedTensor, idx: tuple) -> np.ndarray:
     return pt.src.raw()[_to_raw_idx(pt, idx)]
 
 
-def produce(pt: PlannedTensor) -> Iterator[tuple[int, bytes]]:
+def produce(pt: PlannedTensor) -> Iterator[tuple[int, memoryview]]:
     e = pt.entry
     shape = tuple(e.shape)
     layout, params = e.layout, e.params
@@ -74,7 +74,7 @@ def _to_raw_idx(pt: PlannedTensor, idx: tuple) -> tuple:
     return (*head, last)
 
 
-def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
+def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:
     """One amx matrix = [weight tiles in N-block order | scales in the same order | pad to 64].
 
     Weight tiles of consecutive N-blocks are consecutive, and so are their scales, so a large
@@ -89,7 +89,7 @@ def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
         w = ggml.dequantize(raw[..., lo:hi, :], pt.src.dtype).reshape(hi - lo, k)
         buf = amx.pack(kind, w, **params)
         wbytes = (hi - lo) // L.TILE_N * (k // L.AMX_K_PER_TILE[pt.entry.layout]) * L.TILE_BYTES
-        yield buf[:wbytes].tobytes()
+        yield memoryview(buf[:wbytes])
         if kind != "bf16":
             sbytes = 4 * (hi - lo) * (1 if kind == "int8" else k // params["group_size"])
             scales.append(buf[wbytes : wbytes + sbytes].tobytes())
@@ -99,24 +99,24 @@ def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
         yield tail + b"\0" * pad
 
 
-def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
+def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:
     raw = _raw_index(pt, idx)  # (..., rows, row_bytes)
     if raw.ndim == 1:
         raw = raw.reshape(1, -1)
     rows = params["rows"]
     for lo, hi in _row_chunks(raw.shape[-2], raw.shape[-1], rows):
-        yield ggml.pack(raw[..., lo:hi, :], params["ggml_type"], rows).tobytes()
+        yield memoryview(ggml.pack(raw[..., lo:hi, :], params["ggml_type"], rows))
 
 
-def _plain_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[bytes]:
+def _plain_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:
     raw = _raw_index(pt, idx)
     if raw.ndim <= 1:
-        yield plain.pack(pt.src.values(_to_raw_idx(pt, idx)), params["dtype"]).tobytes()
+        yield memoryview(plain.pack(pt.src.values(_to_raw_idx(pt, idx)), params["dtype"]))
         return
     for lo, hi in _row_chunks(raw.shape[-2], raw.shape[-1], 1):
         sub = _to_raw_idx(pt, idx)
         sub = (*sub[:-2], _compose(sub[-2], lo, hi), sub[-1])
-        yield plain.pack(pt.src.values(sub), params["dtype"]).tobytes()
+        yield memoryview(plain.pack(pt.src.values(sub), params["dtype"]))
 
 
 def _compose(s: slice | int, lo: int, hi: int) -> slice:
@@ -124,7 +124,7 @@ def _compose(s: slice | int, lo: int, hi: int) -> slice:
     return slice(start + lo, start + hi)
 
 
-def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> Iterator[tuple[int, bytes]]:
+def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> Iterator[tuple[int, memoryview]]:
     """Marlin's packed rows (qweight [K/16, 2N], scales [K/g, N]) follow K, so a matrix is streamed
     in K chunks; each piece still receives its bytes in order."""
     g = params["group_size"]
@@ -137,5 +137,5 @@ def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> It
         raw = pt.src.raw()[(*idx[:-1], slice(k0 // bv * bb, k1 // bv * bb))]
         w = ggml.dequantize(raw, pt.src.dtype).reshape(*raw.shape[:-1], k1 - k0)
         qw, sc = marlin.pack(w, g, k_total=k)
-        yield base, np.ascontiguousarray(qw).tobytes()
-        yield base + 1, np.ascontiguousarray(sc).tobytes()
+        yield base, memoryview(np.ascontiguousarray(qw)).cast("B")
+        yield base + 1, memoryview(np.ascontiguousarray(sc)).cast("B")

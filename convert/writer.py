@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,47 @@ class Summary:
             f"kt-convert: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
             f"({mbs:.0f} MB/s) -> {out}"
         )
+
+
+class _Sink:
+    """One background thread that writes and hashes chunks in the order they are queued, so packing
+    (main thread) overlaps with pwrite + sha256 (this thread); both release the GIL."""
+
+    def __init__(self, depth: int = 6):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kt-convert-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    fd, data, offset, hasher = item
+                    _pwrite_all(fd, data, offset)
+                    hasher.update(data)
+            except BaseException as e:  # reported to the main thread at the next flush
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def put(self, fd: int, data: memoryview, offset: int, hasher) -> None:
+        if self.error is not None:
+            self.flush()
+        self.q.put((fd, data, offset, hasher))
+
+    def flush(self) -> None:
+        self.q.join()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
 
 
 def partial_dir(out: Path) -> Path:
@@ -86,6 +129,7 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
     t0 = time.perf_counter()
     m = plan.manifest
     fds: dict[str, int] = {}
+    sink = _Sink()
     try:
         for f in m.files:
             (tmp / f.path).parent.mkdir(parents=True, exist_ok=True)
@@ -116,12 +160,13 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
             pos = [0] * len(e.pieces)
             for i, chunk in produce(pt):
                 p = e.pieces[i]
-                if pos[i] + len(chunk) > p.nbytes:
+                n = memoryview(chunk).nbytes
+                if pos[i] + n > p.nbytes:
                     raise AssertionError(f"{e.name}: produced more bytes than planned for piece {i}")
-                _pwrite_all(fds[p.file], chunk, p.offset + pos[i])
-                hashers[i].update(chunk)
-                pos[i] += len(chunk)
-                bar.update(len(chunk))
+                sink.put(fds[p.file], chunk, p.offset + pos[i], hashers[i])
+                pos[i] += n
+                bar.update(n)
+            sink.flush()
             for i, p in enumerate(e.pieces):
                 if pos[i] != p.nbytes:
                     raise AssertionError(f"{e.name}: piece {i} got {pos[i]} bytes, planned {p.nbytes}")
@@ -145,6 +190,7 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
             f"(continue with --resume once the cause is fixed)"
         ) from None
     finally:
+        sink.close()
         for fd in fds.values():
             os.close(fd)
     if out.exists():  # --force: replace the old folder only now that the new one is complete
