@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from ktpack.layouts import ids as L
 
 from .plan import GIB, ConvertOptions, Plan, PlanError, make_plan

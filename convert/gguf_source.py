@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from ktpack.layouts.config import ModelConfig
 
 from .source import Source, SourceError, SourceTensor

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+
 from ktpack.layouts import manifest as mf
 from ktpack.layouts.errors import ManifestError
 from ktpack.layouts.tensor_io import tensor_values, verify

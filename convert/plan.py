@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
 from ktpack.layouts import amx, ggml, marlin, numa, plain
 from ktpack.layouts import ids as L
 from ktpack.layouts.manifest import FileEntry, Manifest, Piece, TensorEntry

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
+
 from ktpack.layouts import amx, ggml, marlin, plain
 from ktpack.layouts import ids as L
 

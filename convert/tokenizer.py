@@ -84,12 +84,11 @@ def build_tokenizer(tokens: list[str], merges: list[str], token_types: list[int]
     for i, (t, ty) in enumerate(zip(tokens, token_types, strict=True)):
         if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
             added.append((i, AddedToken(t, special=ty == TOKEN_CONTROL, normalized=False, lstrip=False, rstrip=False)))
-    # add in id order so that tokenizers keeps the existing ids (they are all in the vocab)
-    for _, at in sorted(added, key=lambda p: p[0]):
-        if at.special:
-            tok.add_special_tokens([at])
-        else:
-            tok.add_tokens([at])
+    # All are in the vocab already, so their ids are kept. One call per kind: adding tokens one at a
+    # time rebuilds the added-token matcher each time (quadratic; minutes for R1-sized vocabularies).
+    ordered = [at for _, at in sorted(added, key=lambda p: p[0])]
+    tok.add_special_tokens([at for at in ordered if at.special])
+    tok.add_tokens([at for at in ordered if not at.special])
     return tok
 
 

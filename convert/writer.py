@@ -8,8 +8,10 @@ tensor has fixed offsets, and unfinished tensors are simply written again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -34,20 +36,87 @@ class ConvertError(RuntimeError):
 @dataclass
 class Summary:
     tensors: int
-    bytes: int
+    bytes: int  # written
+    source_bytes: int  # read
     seconds: float
 
     def line(self, out: Path) -> str:
-        mbs = self.bytes / 1e6 / max(self.seconds, 1e-9)
+        mbs = self.source_bytes / 1e6 / max(self.seconds, 1e-9)
         return (
-            f"kt-convert: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
-            f"({mbs:.0f} MB/s) -> {out}"
+            f"kt-convert: {self.tensors} tensors, {self.source_bytes / 1e6:.1f} MB read, {self.bytes / 1e6:.1f} MB "
+            f"written in {self.seconds:.1f} s ({mbs:.0f} MB/s of source) -> {out}"
         )
 
 
+STAGE_BYTES = 4 << 20  # O_DIRECT staging buffer per CPU shard
+DIRECT_ALIGN = 4096
+
+
+class _OutFile:
+    """Positional writes into one output file.
+
+    CPU shards hold page-aligned pieces written front to back, so they are written with O_DIRECT
+    through a page-aligned staging buffer: new page-cache pages are what a buffered write of a
+    400 GB model mostly pays for (measured here: 0.35-0.4 GB/s buffered vs 1.7 GB/s direct into
+    fresh memory), and the output is not read back. Where the filesystem refuses O_DIRECT (tmpfs),
+    and for safetensors files, plain buffered pwrite is used.
+    """
+
+    def __init__(self, path: Path, size: int, direct: bool):
+        self.path, self.direct = path, False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        if not self.direct:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, size)
+        if self.direct:
+            self.stage = mmap.mmap(-1, STAGE_BYTES)
+            self.stage_off = 0  # file offset of stage[0]
+            self.fill = 0
+
+    def write(self, offset: int, data) -> None:
+        if not self.direct:
+            _pwrite_all(self.fd, data, offset)
+            return
+        view = memoryview(data).cast("B")
+        if self.fill == 0:
+            if offset % DIRECT_ALIGN:
+                raise AssertionError(f"{self.path}: direct write at unaligned offset {offset}")
+            self.stage_off = offset
+        elif offset != self.stage_off + self.fill:
+            raise AssertionError(f"{self.path}: non-sequential write at {offset}")
+        while view:
+            n = min(len(view), STAGE_BYTES - self.fill)
+            self.stage[self.fill : self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == STAGE_BYTES:
+                _pwrite_all(self.fd, memoryview(self.stage), self.stage_off)
+                self.stage_off += STAGE_BYTES
+                self.fill = 0
+
+    def end_piece(self) -> None:
+        """Write what is staged, zero-padded to the page (pieces start on pages; gaps are zero)."""
+        if self.direct and self.fill:
+            padded = -(-self.fill // DIRECT_ALIGN) * DIRECT_ALIGN
+            self.stage[self.fill : padded] = bytes(padded - self.fill)
+            _pwrite_all(self.fd, memoryview(self.stage)[:padded], self.stage_off)
+            self.fill = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct:
+            self.stage.close()
+
+
 class _Sink:
-    """One background thread that writes and hashes chunks in the order they are queued, so packing
-    (main thread) overlaps with pwrite + sha256 (this thread); both release the GIL."""
+    """One background thread that performs the writes queued by the main thread, in order, so
+    packing and hashing (main thread) overlap with the copies and I/O (this thread)."""
 
     def __init__(self, depth: int = 6):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
@@ -62,18 +131,20 @@ class _Sink:
                 if item is None:
                     return
                 if self.error is None:
-                    fd, data, offset, hasher = item
-                    _pwrite_all(fd, data, offset)
-                    hasher.update(data)
+                    f, offset, data = item
+                    if data is None:
+                        f.end_piece()
+                    else:
+                        f.write(offset, data)
             except BaseException as e:  # reported to the main thread at the next flush
                 self.error = e
             finally:
                 self.q.task_done()
 
-    def put(self, fd: int, data: memoryview, offset: int, hasher) -> None:
+    def put(self, f: _OutFile, offset: int, data) -> None:
         if self.error is not None:
             self.flush()
-        self.q.put((fd, data, offset, hasher))
+        self.q.put((f, offset, data))
 
     def flush(self) -> None:
         self.q.join()
@@ -128,7 +199,7 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
             )
     t0 = time.perf_counter()
     m = plan.manifest
-    fds: dict[str, int] = {}
+    files: dict[str, _OutFile] = {}
     sink = _Sink()
     try:
         for f in m.files:
@@ -141,11 +212,10 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
             journal.flush()
         for f in m.files:
             if f.kind in ("cpu_shard", "safetensors"):
-                fd = os.open(tmp / f.path, os.O_RDWR | os.O_CREAT, 0o644)
-                fds[f.path] = fd
-                os.ftruncate(fd, f.size)
-                header = plan.shard_headers.get(f.path) or plan.st_headers[f.path]
-                _pwrite_all(fd, header, 0)
+                out_file = _OutFile(tmp / f.path, f.size, direct=f.kind == "cpu_shard")
+                files[f.path] = out_file
+                out_file.write(0, plan.shard_headers.get(f.path) or plan.st_headers[f.path])
+                out_file.end_piece()
         total = sum(pt.entry.nbytes() for pt in plan.tensors)
         written = 0
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="kt-convert", disable=not progress, mininterval=0.5)
@@ -163,9 +233,12 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
                 n = memoryview(chunk).nbytes
                 if pos[i] + n > p.nbytes:
                     raise AssertionError(f"{e.name}: produced more bytes than planned for piece {i}")
-                sink.put(fds[p.file], chunk, p.offset + pos[i], hashers[i])
+                hashers[i].update(chunk)
+                sink.put(files[p.file], p.offset + pos[i], chunk)
                 pos[i] += n
                 bar.update(n)
+            for p in e.pieces:
+                sink.put(files[p.file], p.offset, None)
             sink.flush()
             for i, p in enumerate(e.pieces):
                 if pos[i] != p.nbytes:
@@ -177,8 +250,8 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
         bar.close()
         for name, content in plan.aux_files.items():
             (tmp / name).write_bytes(content)
-        for fd in fds.values():
-            os.fsync(fd)
+        for out_file in files.values():
+            os.fsync(out_file.fd)
         m.save(tmp)
         _fsync_path(tmp / "manifest.json")
         journal.close()
@@ -191,8 +264,8 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
         ) from None
     finally:
         sink.close()
-        for fd in fds.values():
-            os.close(fd)
+        for out_file in files.values():
+            out_file.close()
     if out.exists():  # --force: replace the old folder only now that the new one is complete
         old = out.with_name(out.name + ".ktpack-old")
         if old.exists():
@@ -203,8 +276,12 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
     else:
         tmp.rename(out)
     _fsync_path(out.parent)
-    return Summary(tensors=len(plan.tensors), bytes=sum(pt.entry.nbytes() for pt in plan.tensors),
-                   seconds=time.perf_counter() - t0)  # fmt: skip
+    return Summary(
+        tensors=len(plan.tensors),
+        bytes=sum(pt.entry.nbytes() for pt in plan.tensors),
+        source_bytes=sum(pt.src.nbytes for pt in plan.tensors),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

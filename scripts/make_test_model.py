@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import click
+
 from ktpack.convert.synth import PRESETS, make_all, write_random_gguf
 from ktpack.convert.synth.writer import QTYPES
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from safetensors import safe_open
+
 from ktpack.convert.gguf_source import open_gguf
 from ktpack.convert.plan import ConvertOptions, make_plan
 from ktpack.convert.writer import partial_dir, write
@@ -25,7 +27,6 @@ from ktpack.layouts import amx, marlin
 from ktpack.layouts import ids as L
 from ktpack.layouts import manifest as mf
 from ktpack.layouts.tensor_io import tensor_values, verify
-from safetensors import safe_open
 
 GGUF_VARIANTS = [
     "tiny-F32.gguf", "tiny-BF16.gguf", "tiny-Q8_0.gguf", "tiny-Q4_K.gguf", "tiny-Q5_K.gguf",

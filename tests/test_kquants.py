@@ -5,6 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+
 from ktpack.convert.synth.kquants import (
     Q4_K_BYTES,
     Q5_K_BYTES,

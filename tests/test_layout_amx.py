@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+
 from ktpack.layouts import amx, ids
 from ktpack.layouts.errors import LayoutError
 

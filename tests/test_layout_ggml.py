@@ -8,6 +8,7 @@ column. The bar is therefore byte equality, never a tolerance.
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gg_dequantize
+
 from ktpack.convert.synth import kquants
 from ktpack.layouts import ggml, numa, plain
 from ktpack.layouts.errors import LayoutError

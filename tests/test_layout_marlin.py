@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ktpack.layouts import ids, marlin
 from ktpack.layouts.errors import LayoutError
 

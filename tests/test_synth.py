@@ -8,11 +8,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from safetensors import safe_open
+
 from ktpack.convert.synth import PRESETS, make_hf_checkpoint, write_gguf, write_random_gguf
 from ktpack.convert.synth.kquants import quantize
 from ktpack.convert.synth.make import GGUF_QTYPES, LEGACY_QTYPES
 from ktpack.convert.synth.writer import hf_source_names, use_more_bits
-from safetensors import safe_open
 
 T = gguf.GGMLQuantizationType
 CFG = PRESETS["tiny"]

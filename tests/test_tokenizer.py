@@ -8,12 +8,13 @@ from pathlib import Path
 import gguf
 import jinja2
 import pytest
+from tokenizers import Tokenizer
+
 from ktpack.convert.tokenizer import (
     build_tokenizer,
     deepseek_v3_pre_tokenizer,
     tokenizer_from_gguf_fields,
 )
-from tokenizers import Tokenizer
 
 TEXTS = [
     "Hello world!",
