@@ -118,7 +118,7 @@ class _Sink:
     """One background thread that performs the writes queued by the main thread, in order, so
     packing and hashing (main thread) overlap with the copies and I/O (this thread)."""
 
-    def __init__(self, depth: int = 6):
+    def __init__(self, depth: int = 4):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kt-convert-writer", daemon=True)
