@@ -1,0 +1,201 @@
+"""The engine: a packed model, a KV cache allocated once, chunked prefill, the decode loop.
+
+This is the small Python API the CLI (and later the server) calls:
+
+    eng = Engine("packed/", ctx_size=4096)
+    logits = eng.score(ids)                                  # [n, vocab] float32, teacher-forced
+    out = eng.generate(ids, SamplingParams(temperature=0), max_new_tokens=64, on_text=print)
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chat import ChatTokenizer, StreamDecoder
+from .sampling import Sampler, SamplingParams
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (too long for the context, ids outside the vocabulary...)."""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first generated token comes from prefill; decode steps make the others
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def line(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens, prefill {self.prefill_tok_s:.1f} tok/s; "
+            f"generated {self.generated_tokens} tokens, decode {self.decode_tok_s:.2f} tok/s; "
+            f"peak RSS {self.peak_rss_mb:.0f} MB"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_s": self.prefill_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "generated_tokens": self.generated_tokens,
+            "decode_s": self.decode_s,
+            "decode_tok_s": self.decode_tok_s,
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length"
+    stats: Stats = field(default_factory=Stats)
+
+
+class Engine:
+    def __init__(self, folder: Path | str, ctx_size: int = 4096, prefill_chunk: int = 256, verify: bool = False):
+        from .model import DeepseekV3Model, KVCache
+        from .weights import load_pack
+
+        self.folder = Path(folder)
+        self.pack = load_pack(self.folder, verify=verify)
+        self.config = self.pack.config
+        self.model = DeepseekV3Model(self.pack)
+        if ctx_size < 1:
+            raise EngineError(f"--ctx-size must be >= 1, got {ctx_size}")
+        self.ctx_size = ctx_size
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.cache = KVCache(self.config, ctx_size)
+        self._tok: ChatTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        if self._tok is None:
+            self._tok = ChatTokenizer.from_folder(self.folder)
+        return self._tok
+
+    def check_ids(self, ids: Sequence[int], what: str = "prompt") -> None:
+        if len(ids) == 0:
+            raise EngineError(f"the {what} is empty")
+        if len(ids) > self.ctx_size:
+            raise EngineError(f"the {what} has {len(ids)} tokens, more than --ctx-size {self.ctx_size}")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            top = self.config.vocab_size - 1
+            raise EngineError(f"the {what} holds ids outside the vocabulary (0..{top}): {bad[:5]}")
+
+    @torch.inference_mode()
+    def _prefill(self, ids: Sequence[int], all_logits: bool) -> torch.Tensor:
+        out = []
+        t = torch.tensor(list(ids), dtype=torch.long)
+        for s in range(0, len(ids), self.prefill_chunk):
+            logits = self.model.forward(t[s : s + self.prefill_chunk], s, self.cache)
+            out.append(logits if all_logits else logits[-1:])
+        return torch.cat(out) if all_logits else out[-1][-1]
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits [n, vocab] of every position of `ids` (teacher-forced)."""
+        self.check_ids(ids, "sequence")
+        return self._prefill(ids, all_logits=True).float().numpy()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Generation:
+        self.check_ids(prompt_ids)
+        if max_new_tokens < 0:
+            raise EngineError(f"max new tokens must be >= 0, got {max_new_tokens}")
+        sampler = Sampler(params or SamplingParams())
+        gen = Generation(prompt_ids=list(prompt_ids))
+        st = gen.stats
+        st.prompt_tokens = len(prompt_ids)
+        eos = None if ignore_eos else self._eos_id()
+        decoder = StreamDecoder(self.tokenizer, skip={eos} if eos is not None else set()) if self._has_tok() else None
+        history = torch.tensor(list(prompt_ids), dtype=torch.long)
+        t0 = time.perf_counter()
+        logits = self._prefill(prompt_ids, all_logits=False)
+        st.prefill_s = time.perf_counter() - t0
+        pos = len(prompt_ids)
+        t1 = time.perf_counter()
+        text_at_stop: str | None = None
+        while len(gen.output_ids) < max_new_tokens:
+            tok = sampler(logits, history)
+            gen.output_ids.append(tok)
+            history = torch.cat([history, torch.tensor([tok])])
+            if tok == eos:
+                gen.finish_reason = "stop"
+                break
+            if decoder is not None:
+                delta = decoder.push(tok)
+                if delta:
+                    cut = _stop_cut(decoder.sent, stop, len(decoder.sent) - len(delta))
+                    if cut is not None:
+                        delta = delta[: max(0, cut - (len(decoder.sent) - len(delta)))]
+                        if delta and on_text:
+                            on_text(delta)
+                        text_at_stop = decoder.sent[:cut]
+                        gen.finish_reason = "stop"
+                        break
+                    if on_text:
+                        on_text(delta)
+            if len(gen.output_ids) >= max_new_tokens or pos >= self.ctx_size or (should_stop and should_stop()):
+                break
+            logits = self.model.forward(torch.tensor([tok]), pos, self.cache)[-1]
+            pos += 1
+        st.decode_s = time.perf_counter() - t1
+        st.generated_tokens = len(gen.output_ids)
+        st.peak_rss_mb = peak_rss_mb()
+        if decoder is not None:
+            gen.text = decoder.sent if text_at_stop is None else text_at_stop
+        return gen
+
+    def _has_tok(self) -> bool:
+        return (self.folder / "tokenizer.json").exists()
+
+    def _eos_id(self) -> int | None:
+        if self.config.eos_token_id is not None:
+            return int(self.config.eos_token_id)
+        return self.tokenizer.eos_id if self._has_tok() else None
+
+
+def _stop_cut(text: str, stops: Sequence[str], new_from: int) -> int | None:
+    """Index where the first stop string that ends in the new text starts, or None."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, new_from - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
