@@ -1,0 +1,199 @@
+"""DeepSeek-V3 forward in torch (float32, CPU), as transformers' `DeepseekV3ForCausalLM` computes it.
+
+One code path for prefill (T > 1) and decode (T = 1):
+
+    h = x + Attn(RMSNorm_in(x));  y = h + FFN(RMSNorm_post(h))
+    FFN = dense MLP for layers < first_k_dense_replace, else MoE (router, routed experts, shared)
+
+Attention is MLA in the ABSORBED form (formats.md §5.2). The cache holds, per layer and
+position, `c` (kv_lora_rank, after kv_a_layernorm) and `k_pe` (rope dim, after RoPE):
+
+    q        = q_b(RMSNorm(q_a(x)))  (or attn_q(x) without q_lora)  -> [T, H, nope + rope]
+    c, k_pe  = kv_a_mqa(x);  c = RMSNorm(c);  q_pe, k_pe = RoPE(q_pe), RoPE(k_pe)
+    q_abs[h] = k_b[h] @ q_nope[h]                                     [T, H, kv_lora]
+    score    = (q_abs · c_t + q_pe · k_pe_t) * scale,  causal, softmax over t (f32)
+    lat[h]   = Σ_t p[h, t] c_t;   o[h] = v_b[h] @ lat[h];   out = o_proj(concat_h o[h])
+
+`scale` is qk_head_dim^-0.5 · mscale², never based on kv_lora (rope.py).
+
+Shapes on the hot path depend only on T and the attention window: with `static_kv=True` the
+window is the whole cache (positions past the query are masked), so a decode step has fixed
+shapes and no Python control flow besides the MoE expert dispatch (CUDA-graph friendly later).
+By default the window is 0..start_pos+T-1, which is cheaper on the CPU and gives the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..layouts.config import ModelConfig
+from .cpu_ops import CpuLinear
+from .moe import MoE, Router, Routing
+from .rope import RopeTable, softmax_scale
+from .weights import Pack
+
+Weight = CpuLinear | torch.Tensor
+
+
+def linear(w: Weight, x: torch.Tensor) -> torch.Tensor:
+    """`x Wᵀ` for `W[N, K]`; for a stacked `W[M, N, K]`, `x[T, M, K] -> [T, M, N]` per matrix."""
+    if isinstance(w, torch.Tensor):
+        if w.dim() == 2:
+            return F.linear(x, w)
+        return torch.einsum("tmk,mnk->tmn", x, w)
+    return w(x)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class KVCache:
+    """Static MLA cache for `ctx_size` positions, allocated once.
+
+    c_kv [layers, ctx, kv_lora] (after kv_a_layernorm), k_pe [layers, ctx, rope] (after RoPE, in
+    adjacent-pair order), and the RoPE cos/sin table for the same positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype = torch.float32) -> None:
+        if ctx_size < 1:
+            raise ValueError(f"ctx_size must be >= 1, got {ctx_size}")
+        self.ctx_size = ctx_size
+        n = cfg.num_hidden_layers
+        self.c_kv = torch.zeros(n, ctx_size, cfg.kv_lora_rank, dtype=dtype)
+        self.k_pe = torch.zeros(n, ctx_size, cfg.qk_rope_head_dim, dtype=dtype)
+        self.rope = RopeTable(cfg, ctx_size)
+        self.positions = torch.arange(ctx_size)
+
+    def reset(self) -> None:
+        self.c_kv.zero_()
+        self.k_pe.zero_()
+
+
+class _Attention:
+    def __init__(self, pack: Pack, layer: int, model: DeepseekV3Model) -> None:
+        cfg = pack.config
+        p = f"blk.{layer}."
+        self.layer = layer
+        self.model = model
+        self.eps = cfg.rms_norm_eps
+        self.h = cfg.num_attention_heads
+        self.nope, self.rope_dim, self.v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora = cfg.kv_lora_rank
+        if cfg.q_lora_rank is not None:
+            self.q_a: Weight | None = pack.linear(p + "attn_q_a.weight")
+            self.q_a_norm: torch.Tensor | None = pack.dense(p + "attn_q_a_norm.weight")
+            self.q_b = pack.linear(p + "attn_q_b.weight")
+        else:
+            self.q_a, self.q_a_norm = None, None
+            self.q_b = pack.linear(p + "attn_q.weight")
+        self.kv_a = pack.linear(p + "attn_kv_a_mqa.weight")
+        self.kv_a_norm = pack.dense(p + "attn_kv_a_norm.weight")
+        self.k_b = pack.linear(p + "attn_k_b.weight")  # [H, kv_lora, nope]
+        self.v_b = pack.linear(p + "attn_v_b.weight")  # [H, v, kv_lora]
+        self.o = pack.linear(p + "attn_output.weight")
+        self.scale = softmax_scale(cfg)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
+        t = x.shape[0]
+        if self.q_a is not None:
+            q = linear(self.q_b, rms_norm(linear(self.q_a, x), self.q_a_norm, self.eps))
+        else:
+            q = linear(self.q_b, x)
+        q = q.view(t, self.h, self.nope + self.rope_dim)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
+        kv = linear(self.kv_a, x)
+        c, k_pe = kv[:, : self.kv_lora], kv[:, self.kv_lora :]
+        c = rms_norm(c, self.kv_a_norm, self.eps)
+        inter = self.model.rope_interleaved
+        q_pe = cache.rope.apply(q_pe, pos, inter)
+        k_pe = cache.rope.apply(k_pe, pos, inter)
+        cache.c_kv[self.layer].index_copy_(0, pos, c.to(cache.c_kv.dtype))
+        cache.k_pe[self.layer].index_copy_(0, pos, k_pe.to(cache.k_pe.dtype))
+        ck = cache.c_kv[self.layer, :kv_len].float()  # [n, kv_lora]
+        kp = cache.k_pe[self.layer, :kv_len].float()  # [n, rope]
+        q_abs = linear(self.k_b, q_nope.contiguous())  # [T, H, kv_lora]
+        scores = torch.einsum("thc,nc->thn", q_abs, ck) + torch.einsum("thr,nr->thn", q_pe, kp)
+        mask = torch.where(cache.positions[None, :kv_len] <= pos[:, None], 0.0, float("-inf"))
+        probs = torch.softmax(scores * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
+        lat = torch.einsum("thn,nc->thc", probs, ck)  # [T, H, kv_lora]
+        o = linear(self.v_b, lat)  # [T, H, v]
+        return linear(self.o, o.reshape(t, self.h * self.v))
+
+
+class _MLP:
+    def __init__(self, gate: Weight, up: Weight, down: Weight) -> None:
+        self.gate, self.up, self.down = gate, up, down
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.down, F.silu(linear(self.gate, x)) * linear(self.up, x))
+
+
+class _Block:
+    def __init__(self, pack: Pack, layer: int, model: DeepseekV3Model) -> None:
+        cfg = pack.config
+        p = f"blk.{layer}."
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm = pack.dense(p + "attn_norm.weight")
+        self.ffn_norm = pack.dense(p + "ffn_norm.weight")
+        self.attn = _Attention(pack, layer, model)
+        self.ffn: Callable[[torch.Tensor], torch.Tensor]
+        if cfg.is_moe_layer(layer):
+            bias_name = p + "exp_probs_b.bias"
+            bias = pack.dense(bias_name) if pack.has(bias_name) else None
+            router = Router(cfg, pack.dense(p + "ffn_gate_inp.weight"), bias, model.flags)
+            shared = None
+            if cfg.n_shared_experts and pack.has(p + "ffn_gate_shexp.weight"):
+                shared = _MLP(*(pack.linear(p + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down")))
+            self.ffn = MoE(router, pack.experts(layer), shared, model.flags)
+        else:
+            self.ffn = _MLP(*(pack.linear(p + f"ffn_{n}.weight") for n in ("gate", "up", "down")))
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), pos, kv_len, cache)
+        return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+
+
+class DeepseekV3Model:
+    """The whole model over a `Pack`. `forward(ids[T], start_pos, cache) -> logits [T, vocab]`.
+
+    `flags` (a `moe.Routing`) and `rope_interleaved` deliberately break DeepSeek details for the
+    sensitivity tests; leave them at their defaults.
+    """
+
+    def __init__(self, pack: Pack, static_kv: bool = False) -> None:
+        self.pack = pack
+        self.config = cfg = pack.config
+        self.static_kv = static_kv
+        self.flags = Routing()
+        self.rope_interleaved = True
+        self.blocks = [_Block(pack, i, self) for i in range(cfg.num_hidden_layers)]
+        self.norm = pack.dense("output_norm.weight")
+        self.head: Weight = (
+            pack.linear("output.weight") if pack.has("output.weight") else pack.dense("token_embd.weight")
+        )
+
+    def new_cache(self, ctx_size: int) -> KVCache:
+        return KVCache(self.config, ctx_size)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+        """Logits [T, vocab] (f32) for `ids` at positions start_pos..start_pos+T-1, which are
+        written into `cache`; attention is causal over positions 0..start_pos+T-1."""
+        ids = ids.reshape(-1)
+        t = ids.shape[0]
+        end = start_pos + t
+        if start_pos < 0 or end > cache.ctx_size:
+            raise ValueError(f"positions {start_pos}..{end - 1} do not fit the cache of {cache.ctx_size}")
+        pos = cache.positions[start_pos:end]
+        kv_len = cache.ctx_size if self.static_kv else end
+        x = self.pack.embedding(ids)
+        for b in self.blocks:
+            x = b(x, pos, kv_len, cache)
+        return linear(self.head, rms_norm(x, self.norm, self.config.rms_norm_eps))
+
+    __call__ = forward
