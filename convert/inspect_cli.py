@@ -43,7 +43,10 @@ def table(m: mf.Manifest) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("packed", type=click.Path(path_type=Path))
+@click.argument("packed", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--machine", is_flag=True, help="Print this machine: chosen ISA and why, AMX permission, NUMA nodes, GPU."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option(
     "--verify",
@@ -57,7 +60,9 @@ def table(m: mf.Manifest) -> str:
     type=click.Path(path_type=Path),
     help="Where --extract writes (a .npy file, or a folder for 'all').",
 )
-def main(packed: Path, as_json: bool, do_verify: bool, extract: str | None, out: Path | None) -> None:
+def main(
+    packed: Path | None, machine: bool, as_json: bool, do_verify: bool, extract: str | None, out: Path | None
+) -> None:
     """Show what a packed folder holds (table, or --json), --verify it, or --extract tensors.
 
     \b
@@ -66,7 +71,20 @@ def main(packed: Path, as_json: bool, do_verify: bool, extract: str | None, out:
       kt-inspect packed/ --verify
       kt-inspect packed/ --extract blk.3.ffn_up_exps.weight --out up.npy
       kt-inspect packed/ --extract all --out tensors/
+      kt-inspect --machine
     """
+    if machine:
+        from ktpack import kernels
+
+        try:
+            click.echo(kernels.machine_report())
+        except kernels.IsaError as e:
+            click.echo(f"kt-inspect: error: {e}", err=True)
+            sys.exit(1)
+        if packed is None:
+            return
+    if packed is None:
+        raise click.UsageError("PACKED is required (or pass --machine)")
     try:
         m = mf.load(packed)
     except ManifestError as e:
