@@ -78,14 +78,17 @@ def _sha256_of(folder: Path, p: Piece) -> str:
 def verify(folder: Path | str, m: Manifest, checksums: bool = True) -> Iterator[str]:
     """Yield one line per problem, in manifest order (file sizes first, then checksums)."""
     folder = Path(folder)
+    bad_files = set()
     for f in m.files:
         path = folder / f.path
         try:
             size = os.path.getsize(path)
         except OSError:
+            bad_files.add(f.path)
             yield f"{f.path}: missing"
             continue
         if size != f.size:
+            bad_files.add(f.path)
             yield f"{f.path}: {size} bytes, the manifest says {f.size}"
         elif checksums and f.sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != f.sha256:
             yield f"{f.path}: checksum mismatch"
@@ -93,6 +96,8 @@ def verify(folder: Path | str, m: Manifest, checksums: bool = True) -> Iterator[
         return
     for t in m.tensors:
         for p in t.pieces:
+            if p.file in bad_files:
+                continue  # already reported by its size
             if p.sha256 and _sha256_of(folder, p) != p.sha256:
                 where = f"node {p.node} " if p.node is not None else ""
                 yield f"{p.file}: checksum mismatch in tensor {t.name} ({where}{p.part})"

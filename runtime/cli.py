@@ -126,6 +126,10 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
     except (ManifestError, EngineError, ChatError, ValueError) as e:
         click.echo(f"kt-run: error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # a file that vanished or cannot be read while loading or writing
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"kt-run: error: {where}{e.strerror or e}", err=True)
+        sys.exit(1)
 
 
 def _chat(eng: Engine, system: str | None, run: dict) -> None:

@@ -149,6 +149,15 @@ class Engine:
         pos = len(prompt_ids)
         t1 = time.perf_counter()
         text_at_stop: str | None = None
+        stops = [s for s in stop if s]
+        emitted = 0  # characters of decoder.sent already passed to on_text
+
+        def emit(upto: int) -> None:
+            nonlocal emitted
+            if upto > emitted and on_text:
+                on_text(decoder.sent[emitted:upto])
+            emitted = max(emitted, upto)
+
         while len(gen.output_ids) < max_new_tokens:
             tok = sampler(logits, history)
             gen.output_ids.append(tok)
@@ -159,16 +168,14 @@ class Engine:
             if decoder is not None:
                 delta = decoder.push(tok)
                 if delta:
-                    cut = _stop_cut(decoder.sent, stop, len(decoder.sent) - len(delta))
+                    cut = _stop_cut(decoder.sent, stops, len(decoder.sent) - len(delta))
                     if cut is not None:
-                        delta = delta[: max(0, cut - (len(decoder.sent) - len(delta)))]
-                        if delta and on_text:
-                            on_text(delta)
+                        emit(cut)
                         text_at_stop = decoder.sent[:cut]
                         gen.finish_reason = "stop"
                         break
-                    if on_text:
-                        on_text(delta)
+                    # text that may be the start of a stop string waits for the next tokens
+                    emit(len(decoder.sent) - _stop_prefix_len(decoder.sent, stops))
             if len(gen.output_ids) >= max_new_tokens or pos >= self.ctx_size or (should_stop and should_stop()):
                 break
             logits = self.model.forward(torch.tensor([tok]), pos, self.cache)[-1]
@@ -177,6 +184,8 @@ class Engine:
         st.generated_tokens = len(gen.output_ids)
         st.peak_rss_mb = peak_rss_mb()
         if decoder is not None:
+            if text_at_stop is None:
+                emit(len(decoder.sent))  # no stop string came: what was held back is text
             gen.text = decoder.sent if text_at_stop is None else text_at_stop
         return gen
 
@@ -198,4 +207,15 @@ def _stop_cut(text: str, stops: Sequence[str], new_from: int) -> int | None:
         i = text.find(s, max(0, new_from - len(s) + 1))
         if i >= 0 and (best is None or i < best):
             best = i
+    return best
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that a stop string starts with (held back when streaming)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
     return best
