@@ -1,4 +1,4 @@
-"""`kt-convert SRC -o OUT`: pack a DeepSeek-V3/R1 GGUF into a ktpack folder."""
+"""`kt-convert SRC -o OUT`: pack a DeepSeek-V3/R1 GGUF or safetensors checkpoint into a ktpack folder."""
 
 from __future__ import annotations
 
@@ -16,13 +16,32 @@ from .writer import ConvertError, write
 _DEFAULTS = ConvertOptions()
 
 
-def open_source(src: Path) -> Source:
-    """Pick the reader by what the path is (never by its name beyond the extension)."""
+def open_source(src: Path, plan_only: bool = False) -> Source:
+    """Pick the reader by what the path is (never by its name beyond the extension): a folder or a
+    .safetensors file is a Hugging Face checkpoint, anything else a GGUF. A header-only GGUF (a
+    tensor table without data) is accepted for --plan only."""
     if src.is_dir() or src.suffix == ".safetensors":
-        raise SourceError(f"{src}: safetensors sources are not read yet (GGUF only in this version)")
+        from .safetensors_source import open_safetensors
+
+        return open_safetensors(src)
     from .gguf_source import open_gguf
 
-    return open_gguf(src)
+    return open_gguf(src, header_only_ok=plan_only)
+
+
+# Defaults that depend on the source: a GGUF keeps its blocks (lossless); a safetensors checkpoint
+# (BF16 or FP8) has no ggml blocks, so its experts are quantized to amx-int4 with groups of
+# SAFETENSORS_GROUP_SIZE (chosen by measured error: tests/test_safetensors.py, layouts/SPEC.md §8).
+SAFETENSORS_CPU_LAYOUT = "amx-int4"
+SAFETENSORS_GROUP_SIZE = 64
+
+
+def default_cpu_layout(source: Source) -> str:
+    return "ggml" if source.kind == "gguf" else SAFETENSORS_CPU_LAYOUT
+
+
+def default_group_size(source: Source) -> int:
+    return _DEFAULTS.group_size if source.kind == "gguf" else SAFETENSORS_GROUP_SIZE
 
 
 def format_plan(plan: Plan) -> str:
@@ -72,10 +91,10 @@ def check_budgets(plan: Plan, opts: ConvertOptions) -> None:
 @click.option(
     "--cpu-layout",
     type=click.Choice(list(L.CPU_LAYOUT_CHOICES)),
-    default=_DEFAULTS.cpu_layout,
-    show_default=True,
+    default=None,
     help="Layout of routed experts (and CPU linears): ggml keeps the GGUF blocks "
-    "bit-exact; amx-* re-quantize into AMX/AVX-512 tiles.",
+    "bit-exact; amx-* re-quantize into AMX/AVX-512 tiles. [default: ggml for a GGUF, "
+    f"{SAFETENSORS_CPU_LAYOUT} for safetensors]",
 )
 @click.option(
     "--gpu-layout",
@@ -87,9 +106,9 @@ def check_budgets(plan: Plan, opts: ConvertOptions) -> None:
 @click.option(
     "--group-size",
     type=click.Choice(["32", "64", "128"]),
-    default=str(_DEFAULTS.group_size),
-    show_default=True,
-    help="amx-int4 group size along K.",
+    default=None,
+    help=f"amx-int4 group size along K. [default: {_DEFAULTS.group_size} for a GGUF, "
+    f"{SAFETENSORS_GROUP_SIZE} for safetensors]",
 )
 @click.option(
     "--numa-nodes",
@@ -113,24 +132,29 @@ def check_budgets(plan: Plan, opts: ConvertOptions) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder (or partial conversion).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the packing decision of every tensor.")
-def main(src: Path, out: Path | None, target: str, cpu_layout: str, gpu_layout: str, group_size: str,
+def main(src: Path, out: Path | None, target: str, cpu_layout: str | None, gpu_layout: str, group_size: str | None,
          numa_nodes: int, gpu_mem: float | None, cpu_mem: float | None, rules: Path | None, plan_only: bool,
          resume: bool, force: bool, quiet: bool, verbose: bool) -> None:  # fmt: skip
-    """Pack a DeepSeek-V3/R1 GGUF (one file or a split set) into a ktpack folder.
+    """Pack a DeepSeek-V3/R1 GGUF (one file or a split set) or Hugging Face safetensors checkpoint
+    (a folder: BF16, or FP8 with block scales) into a ktpack folder.
 
     \b
     Examples:
       kt-convert r1-Q4_K_M-00001-of-00009.gguf -o r1-packed/
       kt-convert r1.gguf --plan --target gpu --numa-nodes 2 --gpu-mem 24
       kt-convert r1.gguf -o r1-cpu/ --target cpu --cpu-layout amx-int4
+      kt-convert DeepSeek-R1/ -o r1-packed/          # FP8 safetensors: amx-int4 experts
     """
-    opts = ConvertOptions(target=target, cpu_layout=cpu_layout, gpu_layout=gpu_layout, numa_nodes=numa_nodes,
-                          gpu_mem=gpu_mem, cpu_mem=cpu_mem, group_size=int(group_size),
-                          rules=str(rules) if rules else None)  # fmt: skip
     try:
         if not plan_only and out is None:
             raise click.UsageError("-o/--out is required (or pass --plan)")
-        source = open_source(src)
+        source = open_source(src, plan_only=plan_only)
+        opts = ConvertOptions(
+            target=target, cpu_layout=cpu_layout or default_cpu_layout(source), gpu_layout=gpu_layout,
+            numa_nodes=numa_nodes, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+            group_size=int(group_size) if group_size else default_group_size(source),
+            rules=str(rules) if rules else None,
+        )  # fmt: skip
         plan = make_plan(source, opts)
         if plan_only or verbose:
             click.echo(format_plan(plan), err=not plan_only)

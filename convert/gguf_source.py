@@ -129,7 +129,17 @@ class _GGUFFile:
         self.header_bytes = c.pos
         self.size = size
 
-    def tensors(self) -> list[SourceTensor]:
+    @property
+    def header_only(self) -> bool:
+        """A description: the tensor table is complete but no tensor data follows it."""
+        return self.size <= self.data_offset and any(True for _ in self.infos)
+
+    def tensors(self, header_only_ok: bool = False) -> list[SourceTensor]:
+        if self.header_only and not header_only_ok:
+            raise SourceError(
+                f"{self.path.name}: the file holds only a header (a tensor table without data): it can be "
+                f"planned (kt-convert --plan), not converted"
+            )
         out = []
         spans = []
         for name, ne, ttype, offset in self.infos:
@@ -151,6 +161,10 @@ class _GGUFFile:
             start = self.data_offset + offset
             if offset % self.alignment:
                 raise SourceError(f"{self.path.name}: tensor {name} offset {offset} is not aligned to {self.alignment}")
+            if self.header_only:
+                out.append(SourceTensor(name=name, shape=tuple(reversed(ne)), dtype=qt.name, file=self.path,
+                                        _raw=None, _nbytes=nbytes))  # fmt: skip
+                continue
             if start + nbytes > self.size:
                 raise SourceError(
                     f"{self.path.name}: truncated file: tensor {name} ({qt.name} {list(ne)}) needs bytes "
@@ -184,7 +198,9 @@ def split_set(path: Path) -> list[Path]:
     return parts
 
 
-def open_gguf(path: Path | str) -> Source:
+def open_gguf(path: Path | str, header_only_ok: bool = False) -> Source:
+    """Open a GGUF (or split set). `header_only_ok`: accept a file whose tensor table has no data
+    behind it (a description of a model, for planning); such a Source has `header_only` set."""
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file")
@@ -201,7 +217,7 @@ def open_gguf(path: Path | str) -> Source:
                 raise SourceError(f"{f.path.name}: split.no is {f.kv.get('split.no')}, expected {i}")
     tensors: dict[str, SourceTensor] = {}
     for f in files:
-        for t in f.tensors():
+        for t in f.tensors(header_only_ok):
             if t.name in tensors:
                 raise SourceError(f"{f.path.name}: tensor {t.name} appears twice in the set")
             tensors[t.name] = t
@@ -250,6 +266,7 @@ def open_gguf(path: Path | str) -> Source:
         metadata=meta,
         _fingerprint=fp,
         _tokenizer=tok_files,
+        header_only=any(f.header_only for f in files),
     )
 
 

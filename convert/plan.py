@@ -188,7 +188,7 @@ def _expert_unit(source: Source, layer_prefix: str, layouts: dict[str, tuple[str
             continue
         layout, params = layouts[name]
         if proj == "down":  # cut along K: on the source's blocks (they are read) and the layout's tiles
-            units.append(ggml.block_geometry(source.tensors[name].dtype)[0])
+            units.append(source.tensors[name].block_k)
             if layout != L.GGML_ROWS:
                 units.append(L.AMX_K_PER_TILE[layout])
     return numa.common_unit(*units)
@@ -203,6 +203,11 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
         raise PlanError(f"--numa-nodes must be 1..{numa.MAX_NODES}, got {opts.numa_nodes}")
     if opts.group_size not in (32, 64, 128):
         raise PlanError(f"--group-size must be 32, 64 or 128, got {opts.group_size}")
+    if opts.cpu_layout == "ggml" and source.kind != "gguf":
+        raise PlanError(
+            f"--cpu-layout ggml keeps a GGUF's quant blocks as they are; a {source.kind} source has none: "
+            f"use --cpu-layout amx-int4 (the default for {source.kind}), amx-int8 or amx-bf16"
+        )
     rules = load_rules(opts.rules)
     notes = list(source.notes)
     names = sorted(source.tensors, key=_sort_key)
@@ -214,7 +219,7 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
         st = source.tensors[name]
         role = role_of(name, rules)
         shape = st.shape
-        if st.dtype not in ggml.DEQUANTIZABLE:
+        if not st.dequantizable:
             raise PlanError(
                 f"tensor {name}: type {st.dtype} is not supported (no ktpack layout stores it and it "
                 f"cannot be re-quantized)"
@@ -230,7 +235,7 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
             decided[name] = (role, "cpu", layout, params)
             expert_layouts[name] = (layout, params)
         elif role == "embedding":
-            if st.dtype in ggml.SUPPORTED_TYPES:
+            if st.dtype in ggml.SUPPORTED_TYPES and st.has_raw:
                 decided[name] = (
                     role,
                     "cpu",

@@ -36,9 +36,11 @@ def _slice_index(shape: tuple[int, ...], axis: int | None, lo: int, hi: int, lea
     return tuple(idx)
 
 
-def _raw_index(pt: PlannedTensor, idx: tuple) -> np.ndarray:
-    """Source bytes for a logical index whose last-axis slice is cut at block boundaries."""
-    return pt.src.raw()[_to_raw_idx(pt, idx)]
+def _extent(s: slice | int | None, size: int) -> int:
+    if isinstance(s, slice):
+        start, stop, _ = s.indices(size)
+        return stop - start
+    return 1
 
 
 def produce(pt: PlannedTensor) -> Iterator[tuple[int, memoryview]]:
@@ -65,16 +67,6 @@ def produce(pt: PlannedTensor) -> Iterator[tuple[int, memoryview]]:
                 raise AssertionError(layout)
 
 
-def _to_raw_idx(pt: PlannedTensor, idx: tuple) -> tuple:
-    """Translate a logical index to a raw-byte index (K cuts, on block boundaries, in bytes)."""
-    *head, last = idx
-    if isinstance(last, slice) and last != slice(None):
-        bv, bb = ggml.block_geometry(pt.src.dtype)
-        assert last.start % bv == 0 and last.stop % bv == 0, "K cut must fall on block boundaries"
-        last = slice(last.start // bv * bb, last.stop // bv * bb)
-    return (*head, last)
-
-
 def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:
     """One amx matrix = [weight tiles in N-block order | scales in the same order | pad to 64].
 
@@ -82,12 +74,12 @@ def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryv
     matrix is quantized N-block chunk by chunk: tiles are written as they come, the scales (1/32 of
     the f32 size at most) are kept and written after the last chunk."""
     kind = {L.AMX_BF16: "bf16", L.AMX_INT8: "int8", L.AMX_INT4: "int4"}[pt.entry.layout]
-    raw = _raw_index(pt, idx)
-    n, k = raw.shape[-2], pt.entry.shape[-1] if idx[-1] == slice(None) else idx[-1].stop - idx[-1].start
+    shape = pt.entry.shape
+    n, k = _extent(idx[-2], shape[-2]), _extent(idx[-1], shape[-1])
     rows = L.TILE_N * params["n_block"]
     scales: list[bytes] = []
     for lo, hi in _row_chunks(n, k, rows):
-        w = ggml.dequantize(raw[..., lo:hi, :], pt.src.dtype).reshape(hi - lo, k)
+        w = pt.src.values((*idx[:-2], _compose(idx[-2], lo, hi), idx[-1])).reshape(hi - lo, k)
         buf = amx.pack(kind, w, **params)
         wbytes = (hi - lo) // L.TILE_N * (k // L.AMX_K_PER_TILE[pt.entry.layout]) * L.TILE_BYTES
         yield memoryview(buf[:wbytes])
@@ -101,7 +93,7 @@ def _amx_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryv
 
 
 def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:
-    raw = _raw_index(pt, idx)  # (..., rows, row_bytes)
+    raw = pt.src.raw()[pt.src._raw_index(idx)]  # (..., rows, row_bytes): the source's own blocks
     if raw.ndim == 1:
         raw = raw.reshape(1, -1)
     rows = params["rows"]
@@ -110,14 +102,12 @@ def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memory
 
 
 def _plain_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:
-    raw = _raw_index(pt, idx)
-    if raw.ndim <= 1:
-        yield memoryview(plain.pack(pt.src.values(_to_raw_idx(pt, idx)), params["dtype"]))
+    shape = pt.entry.shape
+    if len(shape) <= 1:
+        yield memoryview(plain.pack(pt.src.values(idx), params["dtype"]))
         return
-    for lo, hi in _row_chunks(raw.shape[-2], raw.shape[-1], 1):
-        sub = _to_raw_idx(pt, idx)
-        sub = (*sub[:-2], _compose(sub[-2], lo, hi), sub[-1])
-        yield memoryview(plain.pack(pt.src.values(sub), params["dtype"]))
+    for lo, hi in _row_chunks(_extent(idx[-2], shape[-2]), _extent(idx[-1], shape[-1]), 1):
+        yield memoryview(plain.pack(pt.src.values((*idx[:-2], _compose(idx[-2], lo, hi), idx[-1])), params["dtype"]))
 
 
 def _compose(s: slice | int, lo: int, hi: int) -> slice:
@@ -127,16 +117,25 @@ def _compose(s: slice | int, lo: int, hi: int) -> slice:
 
 def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> Iterator[tuple[int, memoryview]]:
     """Marlin's packed rows (qweight [K/16, 2N], scales [K/g, N]) follow K, so a matrix is streamed
-    in K chunks; each piece still receives its bytes in order."""
+    in K chunks; each piece still receives its bytes in order. A K chunk of a very tall matrix (the
+    output head: N = 129280) is quantized in N slices of a multiple of 64 columns, which give the
+    same columns of qweight and scales (SPEC.md, marlin_int4_v1), so memory stays bounded."""
     g = params["group_size"]
     n, k = pt.src.shape[-2], pt.src.shape[-1]
-    bv, bb = ggml.block_geometry(pt.src.dtype)
-    unit = math.lcm(g, bv, 16)
+    unit = math.lcm(g, pt.src.block_k, 16)
     step = max(unit, (CHUNK_VALUES // n) // unit * unit)
     for k0 in range(0, k, step):
         k1 = min(k, k0 + step)
-        raw = pt.src.raw()[(*idx[:-1], slice(k0 // bv * bb, k1 // bv * bb))]
-        w = ggml.dequantize(raw, pt.src.dtype).reshape(*raw.shape[:-1], k1 - k0)
-        qw, sc = marlin.pack(w, g, k_total=k)
+        n_step = max(64, CHUNK_VALUES // (k1 - k0) // 64 * 64)
+        if n_step >= n:
+            w = pt.src.values((*idx[:-1], slice(k0, k1)))
+            qw, sc = marlin.pack(w, g, k_total=k)
+        else:
+            qw = np.empty(((k1 - k0) // 16, 2 * n), np.int32)
+            sc = np.empty(((k1 - k0) // (k if g == -1 else g), n), np.float16)
+            for n0 in range(0, n, n_step):
+                n1 = min(n, n0 + n_step)
+                w = pt.src.values((*idx[:-2], _compose(idx[-2], n0, n1), slice(k0, k1)))
+                qw[:, 2 * n0 : 2 * n1], sc[:, n0:n1] = marlin.pack(w, g, k_total=k)
         yield base, memoryview(np.ascontiguousarray(qw)).cast("B")
         yield base + 1, memoryview(np.ascontiguousarray(sc)).cast("B")

@@ -5,6 +5,7 @@ RssAnon is sampled from /proc/<pid>/status every few milliseconds (the kernel ke
 mapped source pages and the page cache of written files are file-backed and do not count.
 
     python scripts/measure_convert.py models/bench/bench-Q4_K_M.gguf --target cpu [--repeat 3]
+    python scripts/measure_convert.py r1-slice/fp8/ --repeat 1        # a safetensors folder
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def _status_kb(pid: int, key: str) -> int | None:
 def measure_once(src: Path, args: list[str]) -> dict:
     from ktpack.convert.gguf_source import split_set
 
-    src_bytes = sum(p.stat().st_size for p in split_set(src))
+    if src.is_dir():  # a safetensors checkpoint
+        src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    else:
+        src_bytes = sum(p.stat().st_size for p in split_set(src))
     out = Path(tempfile.mkdtemp(prefix="ktpack-measure-")) / "out"
     cmd = [sys.executable, "-m", "ktpack.convert.cli", str(src), "-o", str(out), "-q", *args]
     t0 = time.perf_counter()
