@@ -17,7 +17,7 @@ from ktpack.layouts import ids as L
 
 from .plan import PlannedTensor
 
-CHUNK_VALUES = 1 << 21  # 2 Mi values = 8 MiB of float32 per chunk
+CHUNK_VALUES = 1 << 19  # 512 Ki values = 2 MiB of float32 per chunk
 
 
 def _row_chunks(n_rows: int, row_len: int, multiple: int) -> Iterator[tuple[int, int]]:
