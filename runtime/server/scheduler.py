@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -67,17 +67,6 @@ class Cancelled:
 Event = Delta | Done | Failed | Cancelled
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 _ids = itertools.count(1)
 
 
@@ -99,13 +88,11 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
     def on_text(self, delta: str) -> None:
-        """Called by the engine in the worker thread. Text that may be the start of a stop string
-        is held back, so that the streamed text always equals the final (cut) text."""
+        """Called by the engine in the worker thread. The engine holds back text that may be the
+        start of a stop string, so the streamed text always equals the final (cut) text."""
         self._seen += delta
-        upto = len(self._seen) - _held_back(self._seen, self.req.stop)
-        if upto > self._sent:
-            self._post(Delta(self._seen[self._sent : upto]))
-            self._sent = upto
+        self._post(Delta(delta))
+        self._sent = len(self._seen)
 
     def should_stop(self) -> bool:
         return self.stop_flag.is_set()
