@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ktpack.convert.gguf_source import open_gguf
+from ktpack.convert.names import GGUF_TO_HF, GLOBAL_GGUF_TO_HF
 from ktpack.convert.plan import ConvertOptions, make_plan
 from ktpack.convert.writer import write
 from ktpack.layouts import manifest as mf
@@ -56,32 +57,8 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> float:
 
 # --------------------------------------------------------------- GGUF names -> transformers names
 
-_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output.weight": "lm_head.weight",
-    "output_norm.weight": "model.norm.weight",
-}
-_BLOCK = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q_a.weight": "self_attn.q_a_proj.weight",
-    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
-    "attn_q_b.weight": "self_attn.q_b_proj.weight",
-    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
-    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
-    "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "ffn_gate_inp.weight": "mlp.gate.weight",
-    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
-    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
-    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
-    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight",
-    "ffn_down_exps.weight": "mlp.experts.down_proj",
-}
+_GLOBAL = GLOBAL_GGUF_TO_HF
+_BLOCK = {**GGUF_TO_HF, "ffn_down_exps.weight": "mlp.experts.down_proj"}
 
 
 def hf_state_from_pack(folder: Path) -> dict[str, torch.Tensor]:

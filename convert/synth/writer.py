@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 from gguf.constants import Keys
 
+from ..names import GGUF_TO_HF, GLOBAL_GGUF_TO_HF
 from . import kquants
 from .config import SynthConfig, get_config
 
@@ -133,31 +134,6 @@ def gguf_tensor_shapes(cfg: SynthConfig, vocab_size: int, legacy: bool) -> Itera
     yield "output.weight", (vocab_size, h)
 
 
-# GGUF per-block name -> HF per-layer name (1:1 tensors)
-_HF_NAME = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q_a.weight": "self_attn.q_a_proj.weight",
-    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
-    "attn_q_b.weight": "self_attn.q_b_proj.weight",
-    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
-    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
-    "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "ffn_gate_inp.weight": "mlp.gate.weight",
-    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
-    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
-    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
-    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight",
-}
-_GLOBAL_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 _EXPS = {
     "ffn_gate_exps.weight": "gate_proj",
     "ffn_up_exps.weight": "up_proj",
@@ -167,15 +143,15 @@ _EXPS = {
 
 def hf_source_names(gguf_name: str, cfg: SynthConfig) -> list[str]:
     """The HF tensors a GGUF tensor is made from (experts: one per expert, k_b/v_b: kv_b)."""
-    if gguf_name in _GLOBAL_HF:
-        return [_GLOBAL_HF[gguf_name]]
+    if gguf_name in GLOBAL_GGUF_TO_HF:
+        return [GLOBAL_GGUF_TO_HF[gguf_name]]
     _, i, rest = gguf_name.split(".", 2)
     p = f"model.layers.{i}."
     if rest in _EXPS:
         return [p + f"mlp.experts.{e}.{_EXPS[rest]}.weight" for e in range(cfg.n_routed_experts)]
     if rest in ("attn_k_b.weight", "attn_v_b.weight"):
         return [p + "self_attn.kv_b_proj.weight"]
-    return [p + _HF_NAME[rest]]
+    return [p + GGUF_TO_HF[rest]]
 
 
 def split_kv_b(kv_b: np.ndarray, n_heads: int, nope: int, v_dim: int) -> tuple[np.ndarray, np.ndarray]:
