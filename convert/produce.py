@@ -137,5 +137,10 @@ def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> It
                 n1 = min(n, n0 + n_step)
                 w = pt.src.values((*idx[:-2], _compose(idx[-2], n0, n1), slice(k0, k1)))
                 qw[:, 2 * n0 : 2 * n1], sc[:, n0:n1] = marlin.pack(w, g, k_total=k)
-        yield base, memoryview(np.ascontiguousarray(qw)).cast("B")
+        # qweight rows go out as small copies so that this chunk's array is freed before the next
+        # one is made (a K chunk of the R1 head is 16.5 MB; the writer queue is bounded in bytes)
+        rows = max(1, (1 << 20) // max(qw.shape[-1] * 4, 1))
+        for r0 in range(0, qw.shape[-2], rows):
+            yield base, memoryview(np.ascontiguousarray(qw[..., r0 : r0 + rows, :]).copy()).cast("B")
         yield base + 1, memoryview(np.ascontiguousarray(sc)).cast("B")
+        del qw, sc, w

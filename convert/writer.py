@@ -116,10 +116,17 @@ class _OutFile:
 
 class _Sink:
     """One background thread that performs the writes queued by the main thread, in order, so
-    packing and hashing (main thread) overlap with the copies and I/O (this thread)."""
+    packing and hashing (main thread) overlap with the copies and I/O (this thread).
 
-    def __init__(self, depth: int = 4):
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+    The queue is bounded in bytes, not items, so what waits to be written never exceeds
+    QUEUE_BYTES (plus one chunk), however large the chunks of a tensor are."""
+
+    QUEUE_BYTES = 8 << 20
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue()
+        self.cond = threading.Condition()
+        self.queued = 0  # bytes waiting in the queue
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kt-convert-writer", daemon=True)
         self.thread.start()
@@ -139,11 +146,20 @@ class _Sink:
             except BaseException as e:  # reported to the main thread at the next flush
                 self.error = e
             finally:
+                if item is not None and item[2] is not None:
+                    with self.cond:
+                        self.queued -= memoryview(item[2]).nbytes
+                        self.cond.notify()
                 self.q.task_done()
 
     def put(self, f: _OutFile, offset: int, data) -> None:
         if self.error is not None:
             self.flush()
+        n = 0 if data is None else memoryview(data).nbytes
+        with self.cond:
+            while self.queued and self.queued + n > self.QUEUE_BYTES:
+                self.cond.wait()
+            self.queued += n
         self.q.put((f, offset, data))
 
     def flush(self) -> None:
