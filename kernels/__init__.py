@@ -1,7 +1,11 @@
-"""ktpack.kernels: the native CPU engine (C++, pybind11), chosen per ISA at import.
+"""ktpack.kernels: the native CPU engine (C++, pybind11), chosen per ISA once.
 
 `isa()` is the instruction set the kernels use: the best this CPU and OS allow, or a lower one forced
 with KTPACK_ISA=ref|avx2|avx512|amx. Forcing one the machine lacks is refused with the reason.
+
+The engine itself: `Linear(spec)` and `Experts(slices, n_experts, hidden, inter)` over packed bytes as
+stored (see `weight_spec`), parallel on a persistent thread pool (KTPACK_THREADS, default: the usable
+cores). `ensure_engine()` selects the ISA's kernels the first time the engine is used.
 """
 
 from __future__ import annotations
@@ -44,6 +48,55 @@ def isa() -> str:
     if not ok:
         raise IsaError(f"{ENV}={forced} cannot run on this machine: {reason}")
     return forced
+
+
+# Native formats: (layout id, ggml type or None) -> the engine's name for it.
+_GGML_FORMATS = {"Q8_0": "ggml_q8_0", "Q4_K": "ggml_q4_k", "Q5_K": "ggml_q5_k", "Q6_K": "ggml_q6_k",
+                 "BF16": "ggml_bf16", "F32": "ggml_f32"}  # fmt: skip
+_AMX_FORMATS = {"amx_int4_v1": "amx_int4", "amx_int8_v1": "amx_int8", "amx_bf16_v1": "amx_bf16"}
+_selected: str | None = None
+
+
+def native_format(layout: str, params: dict) -> str | None:
+    """The engine's format name for a packed layout, or None when it has no native kernel."""
+    if layout == "ggml_rows_v1":
+        return _GGML_FORMATS.get(params.get("ggml_type", ""))
+    return _AMX_FORMATS.get(layout)
+
+
+def weight_spec(layout: str, params: dict, shape: tuple[int, ...], data) -> tuple:
+    """The engine's description of a packed stack `[..., N, K]` whose bytes are `data` (1-D uint8)."""
+    fmt = native_format(layout, params)
+    if fmt is None:
+        raise ValueError(f"layout {layout} {params.get('ggml_type', '')} has no native kernel")
+    n, k = int(shape[-2]), int(shape[-1])
+    count = 1
+    for d in shape[:-2]:
+        count *= int(d)
+    return (
+        fmt,
+        data,
+        n,
+        k,
+        count,
+        int(params.get("rows", 8)),
+        int(params.get("n_block", 4)),
+        int(params.get("group_size", 128)),
+    )
+
+
+def ensure_engine() -> str:
+    """Select the kernels of `isa()` (once); returns the ISA in use. Raises IsaError when forced wrong."""
+    global _selected
+    want = isa()
+    if _selected != want:
+        _native.select_isa(want)
+        _selected = want
+    return want
+
+
+Linear = _native.Linear
+Experts = _native.Experts
 
 
 def machine_report() -> str:

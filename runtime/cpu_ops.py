@@ -7,13 +7,20 @@ the manifest entry plus the memory-mapped bytes of its pieces, and expose one ca
 - `CpuExperts(x[T, H], topk_idx[T, k], topk_w[T, k]) -> [T, H]`, the weighted sum of the selected
   experts, computed per NUMA slice and summed.
 
-The implementations here are the *reference*: they dequantize the packed bytes with the layout
-modules (`layouts.ggml`, `layouts.amx`, `layouts.plain`) at every call and keep nothing beyond
-the call. A native implementation replaces them with the same constructor data and signatures.
+Two implementations share these signatures:
+
+- the *reference* (`CpuLinear`, `CpuExperts`): dequantize the packed bytes with the layout modules
+  (`layouts.ggml`, `layouts.amx`, `layouts.plain`) at every call, f32 torch arithmetic, nothing kept
+  beyond the call — the oracle;
+- the *native engine* (`NativeLinear`, `NativeExperts`, ktpack.kernels): kernels over the packed
+  bytes as they lie in the memory map, int8-quantized activations for the integer formats, a
+  persistent thread pool. `make_linear` / `make_experts` pick it by default wherever it has a kernel
+  for the layout; `KTPACK_ENGINE=ref` (or `engine="ref"`) forces the reference.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +75,29 @@ def dequant_matrix(
     raise ValueError(f"{entry.name}: layout {layout} has no CPU reference path")
 
 
+def act_block(entry: TensorEntry) -> int | None:
+    """Values per activation scale the native engine uses for this weight (None: f32 activations)."""
+    layout, params = entry.layout, entry.params
+    if layout == L.GGML_ROWS:
+        return {"Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(params.get("ggml_type", ""))
+    if layout == L.AMX_INT8:
+        return 64
+    if layout == L.AMX_INT4:
+        return int(params.get("group_size", 128))
+    return None
+
+
+def quantize_act(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The values the native engine's integer kernels see instead of `x` (its exact definition):
+    per block of `block` values along the last axis, d = amax / 127 and q = round-half-even(x · 127 /
+    amax) (f32 arithmetic), clipped to ±127; returns d · q. |x - d q| <= d / 2 (up to f32 rounding)."""
+    xb = x.detach().to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp_(-127, 127)
+    return (q * (amax / 127.0)).reshape(x.shape)
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
@@ -78,10 +108,12 @@ class CpuLinear:
     Reference implementation: dequantizes at each call (nothing cached), f32 arithmetic.
     """
 
-    def __init__(self, entry: TensorEntry, data: np.ndarray) -> None:
+    def __init__(self, entry: TensorEntry, data: np.ndarray, act_quant: bool = False) -> None:
         if entry.split_axis is not None and len(entry.pieces) > 1:
             raise ValueError(f"{entry.name}: a linear cut across NUMA nodes is not supported")
         self.entry = entry
+        # act_quant: quantize the input as the native engine does first (the "ref-actq" oracle)
+        self.act_block = act_block(entry) if act_quant else None
         self.data = data  # the piece's bytes (read-only memory map)
         self.shape = tuple(int(d) for d in entry.shape)
 
@@ -98,6 +130,8 @@ class CpuLinear:
         return _t(dequant_matrix(self.entry, self.data, self.shape, i))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_block:
+            x = quantize_act(x, self.act_block)
         if len(self.shape) == 2:
             return x @ self.weight().T
         # stacked: x [T, M, K] with M = number of matrices -> [T, M, N]
@@ -133,10 +167,13 @@ class CpuExperts:
     dequantize that expert's matrices only, compute, and add the weighted partial.
     """
 
-    def __init__(self, layer: int, n_experts: int, slices: list[ExpertSlice]) -> None:
+    def __init__(self, layer: int, n_experts: int, slices: list[ExpertSlice], act_quant: bool = False) -> None:
         self.layer = layer
         self.n_experts = n_experts
         self.slices = [s for s in slices if s.hi > s.lo]
+        # act_quant: inputs of gate/up and of down quantized as the native engine does ("ref-actq")
+        self.in_block = act_block(self.slices[0].gate[0]) if act_quant and self.slices else None
+        self.h_block = act_block(self.slices[0].down[0]) if act_quant and self.slices else None
 
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -145,13 +182,17 @@ class CpuExperts:
         for e in experts:
             tok, pos = torch.where(topk_idx == e)
             xe = x[tok]
+            if self.in_block:
+                xe = quantize_act(xe, self.in_block)
             acc = torch.zeros_like(xe)
-            for s in self.slices:
-                g = s.matrix("gate", e)
-                u = s.matrix("up", e)
-                d = s.matrix("down", e)
-                h = F.silu(xe @ g.T) * (xe @ u.T)
-                acc = acc + h @ d.T
+            hs = [
+                F.silu(xe @ s.matrix("gate", e).T) * (xe @ s.matrix("up", e).T) for s in self.slices
+            ]  # the slices' columns of h, in order
+            if self.h_block:  # quantized over the whole row, as the engine does (slice starts are block-aligned)
+                h_all = quantize_act(torch.cat(hs, dim=-1), self.h_block)
+                hs = list(torch.split(h_all, [s.hi - s.lo for s in self.slices], dim=-1))
+            for s, h in zip(self.slices, hs, strict=True):
+                acc = acc + h @ s.matrix("down", e).T
             out.index_add_(0, tok, acc * topk_w[tok, pos, None])
         return out
 
@@ -170,3 +211,107 @@ class DenseExperts:
             h = F.silu(xe @ self.gate[e].T) * (xe @ self.up[e].T)
             out.index_add_(0, tok, (h @ self.down[e].T) * topk_w[tok, pos, None])
         return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Native engine
+
+
+# native: the C++ engine; ref: the f32 torch reference; ref-actq: the reference with the input of
+# every integer-format weight quantized exactly as the engine does (the engine's own oracle).
+ENGINES = ("native", "ref", "ref-actq")
+
+
+def engine_choice(engine: str | None = None) -> str:
+    """The CPU engine to use: `engine`, else KTPACK_ENGINE, else native."""
+    e = engine or os.environ.get("KTPACK_ENGINE") or "native"
+    if e not in ENGINES:
+        raise ValueError(f"CPU engine {e!r} is not one of {', '.join(ENGINES)}")
+    return e
+
+
+def _native_spec(entry: TensorEntry, data: np.ndarray, shape: tuple[int, ...]) -> tuple | None:
+    from .. import kernels
+
+    if kernels.native_format(entry.layout, entry.params) is None:
+        return None
+    return kernels.weight_spec(entry.layout, entry.params, shape, data)
+
+
+class NativeLinear(CpuLinear):
+    """`CpuLinear` computed by the native engine (same constructor data, same call)."""
+
+    def __init__(self, entry: TensorEntry, data: np.ndarray, spec: tuple) -> None:
+        super().__init__(entry, data)
+        from .. import kernels
+
+        kernels.ensure_engine()
+        self._op = kernels.Linear(spec)
+        self._n = self.shape[-2]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float32).contiguous()
+        out = torch.empty((*x.shape[:-1], self._n), dtype=torch.float32)
+        self._op.forward(x.numpy(), out.numpy())
+        return out
+
+
+class NativeExperts:
+    """`CpuExperts` computed by the native engine: all NUMA slices in one call, partials summed."""
+
+    def __init__(self, layer: int, n_experts: int, slices: list[ExpertSlice], specs: list[tuple]) -> None:
+        from .. import kernels
+
+        kernels.ensure_engine()
+        self.layer = layer
+        self.n_experts = n_experts
+        self.slices = slices
+        gate = slices[0].gate[0]
+        self.hidden = int(gate.shape[-1])
+        inter = int(gate.shape[-2])
+        self._op = kernels.Experts(specs, n_experts, self.hidden, inter)
+
+    def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float32).contiguous()
+        out = torch.empty_like(x)
+        self._op.forward(
+            x.numpy(),
+            topk_idx.to(torch.int64).contiguous().numpy(),
+            topk_w.detach().to(torch.float32).contiguous().numpy(),
+            out.numpy(),
+        )
+        return out
+
+
+def make_linear(entry: TensorEntry, data: np.ndarray, engine: str | None = None) -> CpuLinear:
+    """The CPU linear for a packed weight: native where the engine has a kernel for its layout."""
+    e = engine_choice(engine)
+    if e == "native":
+        spec = _native_spec(entry, data, tuple(int(d) for d in entry.shape))
+        if spec is not None:
+            return NativeLinear(entry, data, spec)
+    quantized = e == "ref-actq" and _native_spec(entry, data, tuple(entry.shape)) is not None
+    return CpuLinear(entry, data, act_quant=quantized)
+
+
+def make_experts(
+    layer: int, n_experts: int, slices: list[ExpertSlice], engine: str | None = None
+) -> CpuExperts | NativeExperts:
+    """A layer's routed experts: native where the engine has kernels for all three layouts."""
+    live = [s for s in slices if s.hi > s.lo]
+    e = engine_choice(engine)
+    if e == "ref-actq":
+        return CpuExperts(layer, n_experts, slices, act_quant=True)
+    if e == "native" and live:
+        specs = []
+        for s in live:
+            parts = [_native_spec(e, d, shape) for e, d, shape in (s.gate, s.up, s.down)]
+            if any(p is None for p in parts):
+                break
+            specs.append((*parts, s.lo, s.hi, s.node))
+        else:
+            try:
+                return NativeExperts(layer, n_experts, live, specs)
+            except ValueError:
+                pass  # a combination the engine does not take (e.g. gate and up in different formats)
+    return CpuExperts(layer, n_experts, slices)

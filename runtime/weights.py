@@ -49,8 +49,9 @@ def _check_files(folder: Path, m: Manifest, checksums: bool) -> None:
 class Pack:
     """The weights of a packed folder, as the model reads them (see the module docstring)."""
 
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, engine: str | None = None) -> None:
         self.folder = folder
+        self.engine = cpu_ops.engine_choice(engine)  # "native" or "ref" (the oracle)
         self.manifest = manifest
         self.config: ModelConfig = manifest.config
         self.entries: dict[str, TensorEntry] = {t.name: t for t in manifest.tensors}
@@ -151,7 +152,7 @@ class Pack:
             t = self.entry(name)
             if len(t.pieces) != 1:
                 raise ManifestError(f"{self.folder}: CPU linear {t.name} has {len(t.pieces)} pieces, expected 1")
-            self._linears[name] = CpuLinear(t, self.piece_bytes(t.pieces[0]))
+            self._linears[name] = cpu_ops.make_linear(t, self.piece_bytes(t.pieces[0]), self.engine)
         return self._linears[name]
 
     def experts(self, layer: int) -> CpuExperts | DenseExperts:
@@ -184,7 +185,7 @@ class Pack:
                     down=(down, self.piece_bytes(dp[node]), tuple(dp[node].shape)),
                 )
             )
-        return CpuExperts(layer, n_exp, slices)
+        return cpu_ops.make_experts(layer, n_exp, slices, self.engine)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of token_embd, dequantized now, float32 `[T, hidden]`."""
@@ -221,10 +222,10 @@ class Pack:
         self._linears.clear()
 
 
-def load_pack(folder: Path | str, verify: bool = False) -> Pack:
+def load_pack(folder: Path | str, verify: bool = False, engine: str | None = None) -> Pack:
     """Open a packed folder (see the module docstring). Raises ManifestError, one line naming the
     file, for another format major, a missing or short file, or (verify=True) a bad checksum."""
     folder = Path(folder)
     m = mf.load(folder)
     _check_files(folder, m, checksums=verify)
-    return Pack(folder, m)
+    return Pack(folder, m, engine)

@@ -1,11 +1,135 @@
 // pybind11 glue for ktpack.kernels._native: argument checks and conversions only.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
+#include <string>
+
 #include "cpu_features.h"
+#include "ops.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using ktpack::Isa;
+using ktpack::WType;
+
+namespace {
+
+const char* const kTypeNames[] = {"ggml_q8_0", "ggml_q4_k", "ggml_q5_k", "ggml_q6_k", "ggml_bf16",
+                                  "ggml_f32",  "amx_int4",  "amx_int8",  "amx_bf16"};
+
+WType parse_type(const std::string& s) {
+  for (int i = 0; i < int(WType::count); ++i)
+    if (s == kTypeNames[i]) return WType(i);
+  throw py::value_error("unknown weight format '" + s + "'");
+}
+
+// A stack of matrices over a Python buffer (kept alive by the owner).
+ktpack::WStack make_stack(const py::tuple& t, std::vector<py::object>* keep) {
+  if (t.size() != 8) throw py::value_error("weight spec: (format, data, n, k, count, rows, n_block, group)");
+  ktpack::WStack s;
+  s.m.type = parse_type(t[0].cast<std::string>());
+  py::buffer buf = t[1].cast<py::buffer>();
+  py::buffer_info info = buf.request();
+  if (info.itemsize != 1 || info.ndim != 1 || (info.strides.size() && info.strides[0] != 1))
+    throw py::value_error("weight data must be a 1-D contiguous uint8 buffer");
+  s.m.data = static_cast<const uint8_t*>(info.ptr);
+  s.m.n = t[2].cast<int64_t>();
+  s.m.k = t[3].cast<int64_t>();
+  s.count = t[4].cast<int64_t>();
+  s.m.rows = t[5].cast<int>();
+  s.m.n_block = t[6].cast<int>();
+  s.m.group = t[7].cast<int>();
+  const bool amx = s.m.type >= WType::amx_int4;
+  if (s.m.n <= 0 || s.m.k <= 0 || s.count <= 0) throw py::value_error("weight shape must be positive");
+  if (!amx && (s.m.rows < 1 || s.m.k % ktpack::ggml_block_values(s.m.type)))
+    throw py::value_error("ggml row length is not a whole number of blocks");
+  if (amx) {
+    const int kb = s.m.type == WType::amx_bf16 ? 32 : (s.m.type == WType::amx_int8 ? 64 : 128);
+    if (s.m.n % 16 || s.m.k % kb || s.m.n_block < 1) throw py::value_error("amx shape is not whole tiles");
+    if (s.m.type == WType::amx_int4 && s.m.group != 32 && s.m.group != 64 && s.m.group != 128)
+      throw py::value_error("amx_int4 group must be 32, 64 or 128");
+  }
+  s.stride = ktpack::matrix_bytes(s.m);
+  if (info.size != s.stride * s.count)
+    throw py::value_error("weight data holds " + std::to_string(info.size) + " bytes, " + std::to_string(s.count) +
+                          " matrices of this format need " + std::to_string(s.stride * s.count));
+  keep->push_back(buf);
+  return s;
+}
+
+using F32 = py::array_t<float, py::array::c_style>;
+
+float* f32_ptr(py::array& a, int64_t want, const char* what, bool writable) {
+  if (!py::isinstance<F32>(a) || !(a.flags() & py::array::c_style) || a.dtype().kind() != 'f' || a.itemsize() != 4)
+    throw py::value_error(std::string(what) + " must be a C-contiguous float32 array");
+  if (a.size() != want)
+    throw py::value_error(std::string(what) + " has " + std::to_string(a.size()) + " values, expected " +
+                          std::to_string(want));
+  if (writable && !a.writeable()) throw py::value_error(std::string(what) + " is read-only");
+  return static_cast<float*>(a.mutable_data());
+}
+
+struct PyLinear {
+  std::vector<py::object> keep;
+  ktpack::WStack w;
+  std::unique_ptr<ktpack::LinearOp> op;
+  explicit PyLinear(const py::tuple& spec) {
+    w = make_stack(spec, &keep);
+    op = std::make_unique<ktpack::LinearOp>(w);
+  }
+  void forward(py::array x, py::array y) {
+    const int64_t per = w.count * w.m.k;
+    if (x.size() % per) throw py::value_error("input size is not a multiple of count * K");
+    const int64_t T = x.size() / per;
+    float* xp = f32_ptr(x, T * per, "x", false);
+    float* yp = f32_ptr(y, T * w.count * w.m.n, "out", true);
+    py::gil_scoped_release nogil;
+    op->forward(xp, T, yp);
+  }
+};
+
+struct PyExperts {
+  std::vector<py::object> keep;
+  std::unique_ptr<ktpack::ExpertsOp> op;
+  int64_t hidden;
+  PyExperts(const py::list& slices, int64_t n_experts, int64_t hidden_, int64_t inter) : hidden(hidden_) {
+    std::vector<ktpack::ExpertSliceW> s;
+    for (const auto& item : slices) {
+      py::tuple t = item.cast<py::tuple>();
+      if (t.size() != 6) throw py::value_error("slice: (gate, up, down, lo, hi, node)");
+      ktpack::ExpertSliceW e;
+      e.gate = make_stack(t[0].cast<py::tuple>(), &keep);
+      e.up = make_stack(t[1].cast<py::tuple>(), &keep);
+      e.down = make_stack(t[2].cast<py::tuple>(), &keep);
+      e.lo = t[3].cast<int64_t>();
+      e.hi = t[4].cast<int64_t>();
+      e.node = t[5].cast<int>();
+      s.push_back(e);
+    }
+    try {
+      op = std::make_unique<ktpack::ExpertsOp>(std::move(s), n_experts, hidden, inter);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }
+  void forward(py::array x, py::array_t<int64_t, py::array::c_style> idx, py::array w, py::array out) {
+    if (x.size() % hidden) throw py::value_error("x size is not a multiple of hidden");
+    const int64_t T = x.size() / hidden;
+    if (T == 0) return;
+    if (idx.size() % T) throw py::value_error("expert indices do not match the token count");
+    const int64_t k = idx.size() / T;
+    const float* xp = f32_ptr(x, T * hidden, "x", false);
+    const float* wp = f32_ptr(w, T * k, "weights", false);
+    float* op_ = f32_ptr(out, T * hidden, "out", true);
+    const int64_t* ip = idx.data();
+    py::gil_scoped_release nogil;
+    op->forward(xp, T, ip, wp, k, op_);
+  }
+};
+
+}  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "ktpack native CPU engine";
@@ -40,4 +164,52 @@ PYBIND11_MODULE(_native, m) {
     }
     throw py::value_error("unknown ISA '" + name + "' (ref, avx2, avx512, amx)");
   });
+  m.def(
+      "select_isa",
+      [](const std::string& name) {
+        for (Isa isa : {Isa::ref, Isa::avx2, Isa::avx512, Isa::amx}) {
+          if (name != ktpack::isa_name(isa)) continue;
+          std::string why;
+          if (!ktpack::isa_supported(isa, &why)) throw py::value_error("ISA " + name + " cannot run here: " + why);
+          ktpack::select_isa(name.c_str());
+          return;
+        }
+        throw py::value_error("unknown ISA '" + name + "'");
+      },
+      "Use this ISA's kernels from now on (checked against the CPU first).");
+  m.def("selected_isa", [] { return std::string(ktpack::kernels().name); });
+  m.def(
+      "set_threads", [](int threads, int nodes) { ktpack::set_pool(threads, nodes); }, py::arg("threads") = 0,
+      py::arg("nodes") = 1, "Recreate the thread pool (threads <= 0: KTPACK_THREADS or the usable cores).");
+  m.def("threads", [] { return ktpack::pool().threads(); });
+  m.def(
+      "quantize",
+      [](py::array x, int block) {
+        if (x.ndim() != 2) throw py::value_error("x must be 2-D");
+        const int64_t rows = x.shape(0), k = x.shape(1);
+        if (block < 16 || block % 16 || k % block) throw py::value_error("block must be a multiple of 16 dividing K");
+        const float* xp = f32_ptr(x, rows * k, "x", false);
+        py::array_t<int8_t> q({rows, k});
+        py::array_t<float> d({rows, k / block});
+        py::array_t<int32_t> s({rows, k / 16});
+        const auto& kt = ktpack::kernels();
+        for (int64_t r = 0; r < rows; ++r)
+          kt.quantize(xp + r * k, k, block, q.mutable_data() + r * k, d.mutable_data() + r * (k / block),
+                      s.mutable_data() + r * (k / 16));
+        return py::make_tuple(q, d, s);
+      },
+      "Quantize rows of activations as the integer kernels do: (codes, scales, sums of 16).");
+  m.def("act_block", [](const std::string& type, int group) {
+    ktpack::WMat w;
+    w.type = parse_type(type);
+    w.group = group;
+    return ktpack::act_block(w);
+  });
+  py::class_<PyLinear>(m, "Linear")
+      .def(py::init<py::tuple>(), py::arg("spec"))
+      .def("forward", &PyLinear::forward, py::arg("x"), py::arg("out"));
+  py::class_<PyExperts>(m, "Experts")
+      .def(py::init<py::list, int64_t, int64_t, int64_t>(), py::arg("slices"), py::arg("n_experts"),
+           py::arg("hidden"), py::arg("inter"))
+      .def("forward", &PyExperts::forward, py::arg("x"), py::arg("idx"), py::arg("weights"), py::arg("out"));
 }

@@ -1,0 +1,87 @@
+// The native CPU engine's shared vocabulary: a packed weight matrix as stored (WMat), quantized
+// activations (QAct), and the kernel table each ISA translation unit fills (Kernels).
+//
+// Everything here is plain data: no code is compiled with ISA flags from this header, so any
+// translation unit may include it (see kernels_isa.inc for why that matters).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace ktpack {
+
+// Weight formats with native kernels. The ggml_* ones are `ggml_rows_v1` of that GGUF type; the
+// amx_* ones are `amx_<kind>_v1` (layouts/SPEC.md).
+enum class WType : int {
+  ggml_q8_0 = 0,
+  ggml_q4_k,
+  ggml_q5_k,
+  ggml_q6_k,
+  ggml_bf16,
+  ggml_f32,
+  amx_int4,
+  amx_int8,
+  amx_bf16,
+  count
+};
+
+// One N x K matrix in its packed layout, read where it lies (a memory-mapped shard).
+struct WMat {
+  WType type = WType::ggml_f32;
+  const uint8_t* data = nullptr;
+  int64_t n = 0, k = 0;
+  int rows = 8;      // ggml: rows interleaved per group
+  int n_block = 4;   // amx: tiles per N-block
+  int group = 128;   // amx_int4: values per scale group
+};
+
+// Values of one GGUF block / bytes of one block, for the ggml types.
+int ggml_block_values(WType t);
+int ggml_block_bytes(WType t);
+// Rows a task must start at a multiple of (interleave group or N-block), and whether a format is
+// integer (its activations are quantized), and the activation block (values per scale) it uses.
+int64_t row_align(const WMat& w);
+bool is_integer(WType t);
+int act_block(const WMat& w);
+// Bytes of one N x K matrix of this format (the stride between the matrices of a stack).
+int64_t matrix_bytes(const WMat& w);
+
+// Quantized activations: rows of `k` values (k is the row stride; a view may start inside a row, at a
+// multiple of `block`, and the weights' own K says how many values a dot product reads), symmetric int8 in blocks of `block` values with one
+// f32 scale each (d = amax / 127), plus the sum of every 16 codes (the offset corrections need them).
+// Row r of the weights' view is row `idx ? idx[r] : r` of these arrays.
+struct QAct {
+  int64_t k = 0;
+  int block = 32;
+  const int8_t* q = nullptr;     // [rows][k]
+  const float* d = nullptr;      // [rows][k / block]
+  const int32_t* s16 = nullptr;  // [rows][k / 16]
+  const float* x = nullptr;      // [rows][ldx] f32 values (float formats read these instead)
+  int64_t ldx = 0;
+  const int32_t* idx = nullptr;  // optional row indirection
+  int m = 0;                     // rows used by this call
+  int64_t row(int r) const { return idx ? idx[r] : r; }
+};
+
+// y[r * ldy + j] for j in [n0, n1) and r in [0, a.m): the dot products of the weight rows with the
+// activation rows. n0 and n1 are multiples of row_align(w) (n1 may be w.n).
+using GemmFn = void (*)(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy);
+// Quantize one row of k values (k a multiple of block, block a multiple of 16).
+using QuantFn = void (*)(const float* x, int64_t k, int block, int8_t* q, float* d, int32_t* s16);
+
+// h = silu(g) * u, elementwise.
+using SiluMulFn = void (*)(const float* g, const float* u, float* h, int64_t n);
+
+struct Kernels {
+  const char* name;
+  GemmFn gemm[static_cast<int>(WType::count)];
+  QuantFn quantize;
+  SiluMulFn silu_mul;
+};
+
+// Filled by each ISA translation unit (kernels_<isa>.cpp).
+void fill_kernels_ref(Kernels* k);
+void fill_kernels_avx2(Kernels* k);
+void fill_kernels_avx512(Kernels* k);
+void fill_kernels_amx(Kernels* k);
+
+}  // namespace ktpack

@@ -1,0 +1,71 @@
+// The engine's two operations over packed weights, parallelized on the thread pool:
+// a (possibly stacked) quantized linear, and one layer's routed experts (all NUMA slices).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "engine.h"
+
+namespace ktpack {
+
+// The kernel table in use (chosen by select_isa; "ref" until then).
+const Kernels& kernels();
+// Select by name: "ref", "avx2", "avx512", "amx". The caller has checked the CPU supports it.
+bool select_isa(const char* name);
+
+// A stack of `count` matrices of one format, `stride` bytes apart.
+struct WStack {
+  WMat m;  // matrix 0
+  int64_t count = 1;
+  int64_t stride = 0;
+  WMat at(int64_t i) const {
+    WMat w = m;
+    w.data = m.data + i * stride;
+    return w;
+  }
+};
+
+// Per-call scratch, reused across calls (no allocation once warm).
+struct ActBuf {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s16;
+  // Quantize `rows` rows of `k` values (row stride ldx) for activation block `block`, in parallel.
+  QAct quantize(const float* x, int64_t ldx, int64_t rows, int64_t k, int block, bool integer);
+};
+
+class LinearOp {
+ public:
+  explicit LinearOp(const WStack& w) : w_(w) {}
+  // x [T, count, K] -> y [T, count, N] (count = 1: a plain linear).
+  void forward(const float* x, int64_t T, float* y);
+
+ private:
+  WStack w_;
+  ActBuf act_;
+  std::vector<int32_t> idx_;
+};
+
+struct ExpertSliceW {
+  WStack gate, up, down;  // gate/up [E][I_s][H], down [E][H][I_s]
+  int64_t lo = 0, hi = 0;  // the slice's columns of the intermediate dimension
+  int node = 0;
+};
+
+class ExpertsOp {
+ public:
+  ExpertsOp(std::vector<ExpertSliceW> slices, int64_t n_experts, int64_t hidden, int64_t inter);
+  // out[T, H] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]).
+  void forward(const float* x, int64_t T, const int64_t* idx, const float* wts, int64_t k, float* out);
+
+ private:
+  std::vector<ExpertSliceW> slices_;
+  int64_t n_experts_, hidden_, inter_;
+  ActBuf xact_, hact_;
+  std::vector<float> g_, u_, y_;
+  std::vector<int32_t> pair_tok_, pair_of_;  // pair -> token; (t, j) -> pair
+  std::vector<int64_t> e_off_, e_cnt_;
+  std::vector<std::vector<float>> tmp_;  // per thread
+};
+
+}  // namespace ktpack

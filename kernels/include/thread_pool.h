@@ -1,0 +1,61 @@
+// A persistent thread pool for the CPU engine.
+//
+// - One pool, created once: `threads` workers in all, the calling thread being one of them, so there
+//   are never more busy threads than the threads asked for (default: the cores this process may use).
+// - Idle workers sleep on a futex. After a job they spin for a short, bounded time (KTPACK_SPIN_US,
+//   default 30 us, 0 disables) with `pause` before sleeping, which hides the wake-up latency between
+//   the back-to-back jobs of one layer without burning a core while Python or torch runs.
+// - Tasks are taken dynamically (an atomic counter per NUMA node): a thread drains its own node's
+//   tasks first, then helps the others. On a one-node machine that is one shared counter.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+namespace ktpack {
+
+class ThreadPool {
+ public:
+  using Task = std::function<void(int64_t task, int thread)>;
+
+  // threads >= 1; nodes >= 1 (threads are assigned to nodes round-robin and, when nodes > 1 and the
+  // machine has that many NUMA nodes, pinned to that node's CPUs).
+  ThreadPool(int threads, int nodes);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int threads() const { return n_threads_; }
+  int nodes() const { return n_nodes_; }
+
+  // Run tasks [0, n). `node_end[j]` (optional, size nodes()) ends node j's range: node j prefers
+  // tasks [node_end[j-1], node_end[j]). Returns when every task has finished.
+  void run(int64_t n, const Task& fn, const int64_t* node_end = nullptr);
+
+ private:
+  void worker(int id);
+  void drain(int id);
+
+  int n_threads_, n_nodes_;
+  int spin_us_;
+  std::vector<std::thread> workers_;
+  const Task* fn_ = nullptr;
+  struct alignas(64) Counter {
+    std::atomic<int64_t> next{0};
+    int64_t begin = 0, end = 0;
+  };
+  std::vector<Counter> ranges_;
+  alignas(64) std::atomic<uint32_t> gen_{0};
+  alignas(64) std::atomic<int> pending_{0};
+  alignas(64) std::atomic<uint32_t> done_{0};
+  std::atomic<bool> stop_{false};
+};
+
+// The process-wide pool (created on first use with KTPACK_THREADS or the usable cores).
+ThreadPool& pool();
+// Replace the process-wide pool (threads <= 0: the default).
+void set_pool(int threads, int nodes);
+
+}  // namespace ktpack

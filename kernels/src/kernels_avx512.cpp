@@ -1,0 +1,567 @@
+// AVX-512 (F, BW, VL, VNNI, BF16) kernels over the packed layouts as stored.
+//
+// Compiled with exactly these ISA flags (CMakeLists.txt) and used only when CPUID and XCR0 say the
+// CPU and OS run them. Integer formats: weight codes x int8 activation codes in integers
+// (maddubs/madd for the ggml K-quants, VNNI dpbusd for the amx tile layouts), one f32 FMA per scale
+// block. Float formats: weights widened to f32 and FMA'd with the f32 activations (exact products).
+//
+// Each kernel walks one ggml row group (8 rows, blocks interleaved) or one amx N-block (4 tiles of
+// 16 rows, K-blocks interleaved) front to back, so a thread streams contiguous memory; up to MT
+// tokens share each unpacked weight vector (MT = 1 for decode, 4 for prefill).
+#include <immintrin.h>
+
+#include "engine.h"
+
+namespace ktpack {
+namespace avx512 {
+namespace {
+
+float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+int32_t dot_u8s8(const uint8_t* w, const int8_t* x, int n) {
+  __m512i acc = _mm512_setzero_si512();
+  int i = 0;
+  for (; i + 64 <= n; i += 64)
+    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(w + i), _mm512_loadu_si512(x + i));
+  if (i < n) {
+    const __mmask64 m = n - i >= 64 ? ~0ull : ((1ull << (n - i)) - 1);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_maskz_loadu_epi8(m, w + i), _mm512_maskz_loadu_epi8(m, x + i));
+  }
+  return _mm512_reduce_add_epi32(acc);
+}
+
+int32_t dot_s8s8(const int8_t* w, const int8_t* x, int n) {
+  __m256i acc = _mm256_setzero_si256();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + i));
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + i));
+    acc = _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+  }
+  int32_t s = 0;
+  for (; i < n; ++i) s += int32_t(w[i]) * x[i];
+  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  return s + _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xB1)));
+}
+
+// Bit-identical to the scalar definition (quantize_scalar.inc): same amax, same 127/amax, the same
+// round-half-even of the same product.
+void quantize_row(const float* x, int64_t k, int block, int8_t* q, float* d, int32_t* s16) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t b0 = 0; b0 < k; b0 += block) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < block; i += 16) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + b0 + i)));
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 vid = _mm512_set1_ps(id);
+    for (int i = 0; i < block; i += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + b0 + i), vid));
+      v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      _mm_storeu_si128((__m128i*)(q + b0 + i), _mm512_cvtepi32_epi8(v));
+      s16[(b0 + i) / 16] = _mm512_reduce_add_epi32(v);
+    }
+    d[b0 / block] = amax / 127.f;
+  }
+}
+
+#include "kernels_generic.inc"
+
+// exp(x) for x in [-87, 88]: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 Taylor (rel. error
+// < 2e-7, under two f32 ulps); silu(g) * u with it.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 0);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+void silu_mul_v(const float* g, const float* u, float* h, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) h[i] = g[i] / (1.f + __builtin_expf(-g[i])) * u[i];
+}
+
+// ------------------------------------------------------------------------------------------------
+// ggml K-quants. Activation codes of one 256-block are loaded once per token and reused by the 8
+// rows of the group; each row's codes are unpacked once and reused by the MT tokens.
+
+inline __m512i cat256(const int8_t* lo, const int8_t* hi) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)lo)),
+                            _mm256_loadu_si256((const __m256i*)hi), 1);
+}
+
+inline __m512i idx16(int a, int b) {  // epi16 permutation: lanes 0-15 <- a, 16-31 <- b
+  return _mm512_inserti64x4(_mm512_set1_epi16(short(a)), _mm256_set1_epi16(short(b)), 1);
+}
+
+inline __m512i idx16x4(int a) {  // lanes 8j..8j+7 <- a + j
+  const __m128i v = _mm_setr_epi16(short(a), short(a), short(a), short(a), short(a), short(a), short(a), short(a));
+  return _mm512_add_epi16(_mm512_broadcast_i32x4(v),
+                          _mm512_setr_epi64(0, 0, 0x0001000100010001ll, 0x0001000100010001ll, 0x0002000200020002ll,
+                                            0x0002000200020002ll, 0x0003000300030003ll, 0x0003000300030003ll));
+}
+
+inline __m512i mad4(__m512i w, __m512i x, __m512i sc) { return _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), sc); }
+
+// Unpacked weights of one K-quant block: four 64-byte code vectors and their int16 scale vectors,
+// plus (Q4_K/Q5_K) the 8 mins as int16 and the two f16 scales.
+struct KBlock {
+  __m512i w[4], sc[4];
+  __m128i mins;
+  float d, dmin;
+};
+
+// Per token and 256-block: the activation codes in the order the unpacked weights use, the scale,
+// and (Q4_K/Q5_K) the 8 sums of 32 codes as int16 / (Q6_K) the 16 sums of 16 codes.
+struct XBlock {
+  __m512i x[4];
+  __m512i s16;
+  __m128i s32;
+  float dx;
+};
+
+// 12 packed bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15) (GGUF's K4 scale format).
+inline __m128i k4_unpack_scales(const uint8_t* p) {
+  uint32_t u[4];
+  __builtin_memcpy(u, p, 12);
+  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t mins_lo = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = mins_lo;
+  u[0] &= m1;
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+}
+
+template <int MT, int BB, typename Unpack, typename Xload>
+void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float* y, int64_t ldy, Unpack unpack,
+                  Xload xload) {
+  const int64_t nb = w.k / 256;
+  const uint8_t* base = w.data + g0 * nb * BB;
+  __m512 accf[8][MT];
+  float off[8][MT];
+  for (int i = 0; i < rg; ++i)
+    for (int t = 0; t < MT; ++t) accf[i][t] = _mm512_setzero_ps(), off[i][t] = 0.f;
+  int64_t ar[MT];
+  for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
+  for (int64_t b = 0; b < nb; ++b) {
+    XBlock xb[MT];
+    for (int t = 0; t < MT; ++t) {
+      xload(a.q + ar[t] * a.k + 256 * b, xb[t].x);
+      xb[t].dx = a.d[ar[t] * (a.k / 256) + b];
+      xb[t].s16 = _mm512_loadu_si512(a.s16 + ar[t] * (a.k / 16) + 16 * b);
+      if constexpr (BB != 210) {  // pairwise sums -> 8 int16
+        const __m512i pair = _mm512_add_epi32(xb[t].s16, _mm512_srli_epi64(xb[t].s16, 32));
+        xb[t].s32 = _mm512_cvtepi64_epi16(pair);
+      }
+    }
+    for (int i = 0; i < rg; ++i) {
+      const uint8_t* blk = base + (b * rg + i) * BB;
+      KBlock kb;
+      unpack(blk, &kb);
+      for (int t = 0; t < MT; ++t) {
+        __m512i acc = _mm512_add_epi32(mad4(kb.w[0], xb[t].x[0], kb.sc[0]), mad4(kb.w[1], xb[t].x[1], kb.sc[1]));
+        acc = _mm512_add_epi32(acc, _mm512_add_epi32(mad4(kb.w[2], xb[t].x[2], kb.sc[2]), mad4(kb.w[3], xb[t].x[3], kb.sc[3])));
+        if constexpr (BB == 210) {  // codes are offset by 32: subtract 32 * sum(scale_s * xsum_s)
+          acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_mullo_epi32(_mm512_cvtepi8_epi32(kb.mins), xb[t].s16), 5));
+        } else {
+          const __m128i mm = _mm_madd_epi16(kb.mins, xb[t].s32);
+          const __m128i h = _mm_add_epi32(mm, _mm_shuffle_epi32(mm, 0x4E));
+          off[i][t] += kb.dmin * xb[t].dx * float(_mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1))));
+        }
+        accf[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(kb.d * xb[t].dx), accf[i][t]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < rg; ++i) y[(r0 + t) * ldy + g0 + i] = _mm512_reduce_add_ps(accf[i][t]) - off[i][t];
+}
+
+// Q4_K / Q5_K: code vectors hold sub-blocks (0|2), (1|3), (4|6), (5|7) (low/high nibbles of the
+// 32-byte qs chunks), so the activations are loaded in that order.
+inline void xload_k4(const int8_t* xq, __m512i* xa) {
+  xa[0] = cat256(xq, xq + 64);
+  xa[1] = cat256(xq + 32, xq + 96);
+  xa[2] = cat256(xq + 128, xq + 192);
+  xa[3] = cat256(xq + 160, xq + 224);
+}
+
+inline void xload_natural(const int8_t* xq, __m512i* xa) {
+  for (int j = 0; j < 4; ++j) xa[j] = _mm512_loadu_si512(xq + 64 * j);
+}
+
+inline void k4_scales(const uint8_t* blk, KBlock* kb) {
+  const __m128i sm = k4_unpack_scales(blk + 4);
+  const __m512i v = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+  kb->mins = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+  kb->sc[0] = _mm512_permutexvar_epi16(idx16(0, 2), v);
+  kb->sc[1] = _mm512_permutexvar_epi16(idx16(1, 3), v);
+  kb->sc[2] = _mm512_permutexvar_epi16(idx16(4, 6), v);
+  kb->sc[3] = _mm512_permutexvar_epi16(idx16(5, 7), v);
+  kb->d = f16_to_f32(rd16(blk));
+  kb->dmin = f16_to_f32(rd16(blk + 2));
+}
+
+void unpack_q4k(const uint8_t* blk, KBlock* kb) {
+  k4_scales(blk, kb);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i q0 = _mm512_loadu_si512(blk + 16), q1 = _mm512_loadu_si512(blk + 80);
+  kb->w[0] = _mm512_and_si512(q0, m4);
+  kb->w[1] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
+  kb->w[2] = _mm512_and_si512(q1, m4);
+  kb->w[3] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
+}
+
+inline __m512i hbits(__m512i h, int sa, int sb, int mask) {  // per byte: ((h >> s) & mask) << 4
+  const __m512i cnt = _mm512_inserti64x4(_mm512_set1_epi16(short(sa)), _mm256_set1_epi16(short(sb)), 1);
+  return _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, cnt), _mm512_set1_epi8(char(mask))), 4);
+}
+
+void unpack_q5k(const uint8_t* blk, KBlock* kb) {
+  k4_scales(blk, kb);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 16)));
+  const __m512i q0 = _mm512_loadu_si512(blk + 48), q1 = _mm512_loadu_si512(blk + 112);
+  kb->w[0] = _mm512_or_si512(_mm512_and_si512(q0, m4), hbits(h, 0, 2, 1));
+  kb->w[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q0, 4), m4), hbits(h, 1, 3, 1));
+  kb->w[2] = _mm512_or_si512(_mm512_and_si512(q1, m4), hbits(h, 4, 6, 1));
+  kb->w[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q1, 4), m4), hbits(h, 5, 7, 1));
+}
+
+// Q6_K: codes in natural order (64 values per vector), signed scales per 16 values (kept as int8 in
+// `mins` for the offset term), codes offset by 32.
+void unpack_q6k(const uint8_t* blk, KBlock* kb) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i l = _mm512_loadu_si512(blk + 64 * h);
+    const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h)));
+    kb->w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), hbits(q, 0, 2, 3));
+    kb->w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hbits(q, 4, 6, 3));
+  }
+  kb->mins = _mm_loadu_si128((const __m128i*)(blk + 192));
+  const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(kb->mins));
+  for (int j = 0; j < 4; ++j) kb->sc[j] = _mm512_permutexvar_epi16(idx16x4(4 * j), sc);
+  kb->d = f16_to_f32(rd16(blk + 208));
+  kb->dmin = 0.f;
+}
+
+template <int BB>
+void kquant_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
+    const int rg = int(imin64(w.rows, w.n - g0));
+    if (rg > 8) {  // the interleave the kernels are written for is 8 rows
+      for (int r = 0; r < a.m; ++r)
+        for (int64_t n = g0; n < imin64(g0 + w.rows, n1); ++n)
+          y[r * ldy + n] = BB == 144   ? row_q4_k(w, n, a, a.row(r))
+                           : BB == 176 ? row_q5_k(w, n, a, a.row(r))
+                                       : row_q6_k(w, n, a, a.row(r));
+      continue;
+    }
+    int r = 0;
+    if constexpr (BB == 144) {
+      for (; r + 4 <= a.m; r += 4) kquant_group<4, 144>(w, a, g0, rg, r, y, ldy, unpack_q4k, xload_k4);
+      for (; r < a.m; ++r) kquant_group<1, 144>(w, a, g0, rg, r, y, ldy, unpack_q4k, xload_k4);
+    } else if constexpr (BB == 176) {
+      for (; r + 4 <= a.m; r += 4) kquant_group<4, 176>(w, a, g0, rg, r, y, ldy, unpack_q5k, xload_k4);
+      for (; r < a.m; ++r) kquant_group<1, 176>(w, a, g0, rg, r, y, ldy, unpack_q5k, xload_k4);
+    } else {
+      for (; r + 4 <= a.m; r += 4)
+        kquant_group<4, 210>(w, a, g0, rg, r, y, ldy, unpack_q6k, xload_natural);
+      for (; r < a.m; ++r) kquant_group<1, 210>(w, a, g0, rg, r, y, ldy, unpack_q6k, xload_natural);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Q8_0: 32-value blocks, signed weights: dpbusd(|w|, sign(x, w)).
+
+template <int MT>
+void q8_0_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float* y, int64_t ldy) {
+  const int64_t nb = w.k / 32;
+  const uint8_t* base = w.data + g0 * nb * 34;
+  __m256 accf[8][MT];
+  for (int i = 0; i < rg; ++i)
+    for (int t = 0; t < MT; ++t) accf[i][t] = _mm256_setzero_ps();
+  int64_t ar[MT];
+  for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[MT];
+    float dx[MT];
+    for (int t = 0; t < MT; ++t) {
+      xv[t] = _mm256_loadu_si256((const __m256i*)(a.q + ar[t] * a.k + 32 * b));
+      dx[t] = a.d[ar[t] * (a.k / 32) + b];
+    }
+    for (int i = 0; i < rg; ++i) {
+      const uint8_t* blk = base + (b * rg + i) * 34;
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(blk + 2));
+      const __m256i aw = _mm256_abs_epi8(wv);
+      const float dw = f16_to_f32(rd16(blk));
+      for (int t = 0; t < MT; ++t) {
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv[t], wv));
+        accf[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[t]), accf[i][t]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < rg; ++i) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(accf[i][t]), _mm256_extractf128_ps(accf[i][t], 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      y[(r0 + t) * ldy + g0 + i] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+    }
+}
+
+void q8_0_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
+    const int rg = int(imin64(w.rows, w.n - g0));
+    if (rg > 8) {
+      gemm_rows<row_q8_0>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
+      continue;
+    }
+    int r = 0;
+    for (; r + 4 <= a.m; r += 4) q8_0_group<4>(w, a, g0, rg, r, y, ldy);
+    for (; r < a.m; ++r) q8_0_group<1>(w, a, g0, rg, r, y, ldy);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// ggml BF16 / F32 rows (blocks of one value: 8 rows' values of column b are adjacent). A vector of
+// 16 weights is columns (b, b+1) x rows 0..7; the activation vector is [x_b x8, x_b+1 x8].
+
+template <bool BF16>
+inline __m512 load16(const uint8_t* p) {
+  if constexpr (BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  else
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+template <bool BF16>
+void float_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  constexpr int ES = BF16 ? 2 : 4;
+  const __m512i i01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i i23 = _mm512_add_epi32(i01, _mm512_set1_epi32(2));
+  const int64_t k4 = w.k / 4 * 4;
+  for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
+    const int rg = int(imin64(w.rows, w.n - g0));
+    if (rg != 8) {
+      gemm_rows<BF16 ? row_bf16 : row_f32>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
+      continue;
+    }
+    const uint8_t* base = w.data + g0 * w.k * ES;
+    for (int r = 0; r < a.m; ++r) {
+      const float* x = a.x + a.row(r) * a.ldx;
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int64_t b = 0; b < k4; b += 4) {
+        const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x + b));
+        const uint8_t* p = base + b * 8 * ES;
+        acc0 = _mm512_fmadd_ps(load16<BF16>(p), _mm512_permutexvar_ps(i01, xb), acc0);
+        acc1 = _mm512_fmadd_ps(load16<BF16>(p + 16 * ES), _mm512_permutexvar_ps(i23, xb), acc1);
+      }
+      const __m512 s = _mm512_add_ps(acc0, acc1);
+      __m256 v = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+      alignas(32) float out[8];
+      _mm256_store_ps(out, v);
+      for (int64_t b = k4; b < w.k; ++b)
+        for (int i = 0; i < 8; ++i) {
+          const uint8_t* p = base + (b * 8 + i) * ES;
+          out[i] += (BF16 ? bf16_to_f32(rd16(p)) : rdf32(p)) * x[b];
+        }
+      for (int i = 0; i < 8; ++i) y[r * ldy + g0 + i] = out[i];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// amx tile layouts read with VNNI: a tile row (64 bytes) is 16 output rows x 4 consecutive k, so
+// dpbusd against the broadcast activation dword accumulates 16 outputs at once.
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One N-block (nt tiles starting at tile nt0), tokens r0..r0+MT-1.
+template <int MT>
+void amx_int8_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+  const int64_t kt = w.k / 64;
+  const uint8_t* base = w.data + nt0 * kt * 1024;
+  const float* scales = reinterpret_cast<const float*>(w.data + (w.n / 16) * kt * 1024);
+  __m512 accf[4][MT];
+  for (int s = 0; s < tiles; ++s)
+    for (int t = 0; t < MT; ++t) accf[s][t] = _mm512_setzero_ps();
+  int64_t ar[MT];
+  for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
+  for (int64_t kb = 0; kb < kt; ++kb) {
+    for (int s = 0; s < tiles; ++s) {
+      const uint8_t* tile = base + (kb * tiles + s) * 1024;
+      __m512i acc[MT];
+      for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
+      for (int r = 0; r < 16; ++r) {
+        const __m512i wv = _mm512_loadu_si512(tile + 64 * r);
+        for (int t = 0; t < MT; ++t)
+          acc[t] = _mm512_dpbusd_epi32(acc[t], wv, bcast4(a.q + ar[t] * a.k + 64 * kb + 4 * r));
+      }
+      for (int t = 0; t < MT; ++t) {  // codes are q + 128: subtract 128 * sum(x codes)
+        const int32_t* xs = a.s16 + ar[t] * (a.k / 16) + 4 * kb;
+        const float dx = a.d[ar[t] * (a.k / 64) + kb];
+        const int32_t xsum = xs[0] + xs[1] + xs[2] + xs[3];
+        accf[s][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(dx),
+                                     _mm512_sub_ps(accf[s][t], _mm512_set1_ps(128.f * dx * float(xsum))));
+      }
+    }
+  }
+  for (int s = 0; s < tiles; ++s) {
+    const __m512 sc = _mm512_loadu_ps(scales + (nt0 + s) * 16);
+    for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, _mm512_mul_ps(accf[s][t], sc));
+  }
+}
+
+// int4: 16 tile rows give k = 4r..4r+3 (low nibbles) and 64 + 4r.. (high nibbles) of the 128-block.
+// G = values per scale group; group j of the block covers tile rows [j*G/4 % 16 ...] of one nibble.
+template <int MT, int G>
+void amx_int4_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+  constexpr int NG = 128 / G;
+  const int64_t kt = w.k / 128;
+  const uint8_t* base = w.data + nt0 * kt * 1024;
+  const float* scales = reinterpret_cast<const float*>(w.data + (w.n / 16) * kt * 1024);
+  const int64_t tile0 = nt0 * kt;  // tile index of the N-block's first tile
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 accf[4][MT];
+  for (int s = 0; s < tiles; ++s)
+    for (int t = 0; t < MT; ++t) accf[s][t] = _mm512_setzero_ps();
+  int64_t ar[MT];
+  for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
+  for (int64_t kb = 0; kb < kt; ++kb) {
+    for (int s = 0; s < tiles; ++s) {
+      const uint8_t* tile = base + (kb * tiles + s) * 1024;
+      __m512i acc[MT][NG];
+      for (int t = 0; t < MT; ++t)
+        for (int j = 0; j < NG; ++j) acc[t][j] = _mm512_setzero_si512();
+      for (int r = 0; r < 16; ++r) {
+        const __m512i v = _mm512_loadu_si512(tile + 64 * r);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        // group of low nibble row r and of high nibble row r
+        const int jl = NG == 4 ? r / 8 : 0;
+        const int jh = NG == 1 ? 0 : (NG == 2 ? 1 : 2 + r / 8);
+        for (int t = 0; t < MT; ++t) {
+          const int8_t* xq = a.q + ar[t] * a.k + 128 * kb;
+          acc[t][jl] = _mm512_dpbusd_epi32(acc[t][jl], lo, bcast4(xq + 4 * r));
+          acc[t][jh] = _mm512_dpbusd_epi32(acc[t][jh], hi, bcast4(xq + 64 + 4 * r));
+        }
+      }
+      const float* sc = scales + (tile0 + kb * tiles + s) * NG * 16;
+      for (int t = 0; t < MT; ++t) {
+        const int32_t* xs = a.s16 + ar[t] * (a.k / 16) + 8 * kb;
+        const float* xd = a.d + ar[t] * (a.k / G) + kb * NG;
+        for (int j = 0; j < NG; ++j) {
+          int32_t xsum = 0;
+          for (int q = 0; q < G / 16; ++q) xsum += xs[j * (G / 16) + q];
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t][j], _mm512_set1_epi32(8 * xsum)));
+          accf[s][t] = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_loadu_ps(sc + 16 * j), _mm512_set1_ps(xd[j])), accf[s][t]);
+        }
+      }
+    }
+  }
+  for (int s = 0; s < tiles; ++s)
+    for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, accf[s][t]);
+}
+
+template <int MT>
+void amx_bf16_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+  const int64_t kt = w.k / 32;
+  const uint8_t* base = w.data + nt0 * kt * 1024;
+  const __m512i hi_mask = _mm512_set1_epi32(int(0xFFFF0000u));
+  __m512 accf[4][MT];
+  for (int s = 0; s < tiles; ++s)
+    for (int t = 0; t < MT; ++t) accf[s][t] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < kt; ++kb)
+    for (int s = 0; s < tiles; ++s) {
+      const uint8_t* tile = base + (kb * tiles + s) * 1024;
+      for (int r = 0; r < 16; ++r) {
+        const __m512i v = _mm512_loadu_si512(tile + 64 * r);
+        const __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        const __m512 od = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+        for (int t = 0; t < MT; ++t) {
+          const float* x = a.x + a.row(r0 + t) * a.ldx + 32 * kb + 2 * r;
+          accf[s][t] = _mm512_fmadd_ps(ev, _mm512_set1_ps(x[0]), accf[s][t]);
+          accf[s][t] = _mm512_fmadd_ps(od, _mm512_set1_ps(x[1]), accf[s][t]);
+        }
+      }
+    }
+  for (int s = 0; s < tiles; ++s)
+    for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, accf[s][t]);
+}
+
+template <template <int> class NB>
+void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t n_tiles = w.n / 16;
+  for (int64_t nt0 = n0 / 16; nt0 < n1 / 16; nt0 += w.n_block) {
+    if (w.n_block > 4) {  // the kernels keep at most 4 tiles of accumulators
+      const int64_t hi = imin64(n1, (nt0 + w.n_block) * 16);
+      if (w.type == WType::amx_int8) gemm_rows<row_amx_int8>(w, a, nt0 * 16, hi, y, ldy);
+      else if (w.type == WType::amx_int4) gemm_rows<row_amx_int4>(w, a, nt0 * 16, hi, y, ldy);
+      else gemm_rows<row_amx_bf16>(w, a, nt0 * 16, hi, y, ldy);
+      continue;
+    }
+    const int tiles = int(imin64(w.n_block, n_tiles - nt0));
+    int r = 0;
+    for (; r + 4 <= a.m; r += 4) NB<4>::run(w, a, nt0, tiles, r, y, ldy);
+    for (; r < a.m; ++r) NB<1>::run(w, a, nt0, tiles, r, y, ldy);
+  }
+}
+
+template <int MT>
+struct Int8NB {
+  static void run(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+    amx_int8_nblock<MT>(w, a, nt0, tiles, r0, y, ldy);
+  }
+};
+template <int MT>
+struct Int4NB {
+  static void run(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+    if (w.group == 128) amx_int4_nblock<MT, 128>(w, a, nt0, tiles, r0, y, ldy);
+    else if (w.group == 64) amx_int4_nblock<MT, 64>(w, a, nt0, tiles, r0, y, ldy);
+    else amx_int4_nblock<MT, 32>(w, a, nt0, tiles, r0, y, ldy);
+  }
+};
+template <int MT>
+struct Bf16NB {
+  static void run(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+    amx_bf16_nblock<MT>(w, a, nt0, tiles, r0, y, ldy);
+  }
+};
+
+}  // namespace
+}  // namespace avx512
+
+void fill_kernels_avx512(Kernels* k) {
+  using namespace avx512;
+  k->name = "avx512";
+  fill_generic(k);
+  k->silu_mul = silu_mul_v;
+  k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
+  k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
+  k->gemm[int(WType::ggml_q5_k)] = kquant_gemm<176>;
+  k->gemm[int(WType::ggml_q6_k)] = kquant_gemm<210>;
+  k->gemm[int(WType::ggml_bf16)] = float_rows_gemm<true>;
+  k->gemm[int(WType::ggml_f32)] = float_rows_gemm<false>;
+  k->gemm[int(WType::amx_int8)] = amx_gemm<Int8NB>;
+  k->gemm[int(WType::amx_int4)] = amx_gemm<Int4NB>;
+  k->gemm[int(WType::amx_bf16)] = amx_gemm<Bf16NB>;
+}
+
+}  // namespace ktpack

@@ -1,0 +1,312 @@
+"""The native CPU engine (ktpack.kernels) against references nobody wrote in C++.
+
+Weights come packed by the layout modules (bytes exactly as kt-convert writes them); the references
+are numpy/f64 on the values gguf-py (ggml) or layouts.amx (amx) dequantize to.
+
+Tolerances, derived:
+- Activation quantization (integer formats): per block, d = amax/127, q = rint(x·(127/amax)),
+  x̂ = d·q, so |x - x̂| <= d·(1/2 + 4·127u) with u = 2^-24 (rounding of x·id, of id, of d and of d·q,
+  each relative u on values up to 127 d): <= d·(1/2 + 2^-14); checked directly.
+- The integer kernels multiply codes exactly, so y equals W·x̂ up to f32 accumulation: at most
+  K·u·(|W| |x̂|) for K <= 512 terms plus one f32 scale product per block, i.e. < 4e-5 relative in the
+  worst case, about 1e-7 typically; the test uses 1e-5 · (|W| |x̂|), which the typical case meets with
+  a margin of 100x and a wrong code or scale anywhere breaks by orders of magnitude.
+  Against the unquantized input: |y - W x| <= |W| |x - x̂| + 1e-5 (|W| |x|).
+- Float formats (bf16, f32 weights; f32 products): |y - W x| <= 1e-5 · (|W| |x|).
+Every output buffer is pre-filled with NaN, so a row a kernel skips fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from ktpack import kernels as K
+from ktpack.convert.synth.writer import random_blocks
+from ktpack.kernels import _native
+from ktpack.layouts import amx, ggml
+from ktpack.runtime.cpu_ops import quantize_act
+
+
+def _isa_params():
+    out = []
+    for name in K.ISAS:
+        ok, why = K.supported(name)
+        marks = [pytest.mark.amx] if name == "amx" else []
+        if not ok:
+            marks.append(pytest.mark.skip(reason=f"this CPU/OS cannot run {name}: {why}"))
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+ISA_PARAMS = _isa_params()
+
+
+@pytest.fixture
+def use_isa(request):
+    """Select an ISA's kernels for one test, and restore the default after."""
+
+    def select(name: str) -> None:
+        _native.select_isa(name)
+
+    yield select
+    _native.select_isa(K.isa())
+
+
+RNG = np.random.default_rng(20261125)
+
+
+def ggml_weights(gtype: str, n: int, k: int, lead: tuple[int, ...] = ()):
+    raw = random_blocks(RNG, (*lead, n, k), GGMLQuantizationType[gtype])
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(*lead, n, -1)
+    packed = ggml.pack(raw, gtype, 8)
+    w = ggml.dequantize(raw, gtype).reshape(*lead, n, k)
+    return K.weight_spec("ggml_rows_v1", {"ggml_type": gtype, "rows": 8}, (*lead, n, k), packed), w
+
+
+def amx_weights(kind: str, n: int, k: int, group: int = 128, lead: tuple[int, ...] = ()):
+    w0 = RNG.standard_normal((*lead, n, k)).astype(np.float32) * 0.05
+    packed = amx.pack(kind, w0, group_size=group)
+    w = amx.dequantize(kind, packed, (*lead, n, k), group_size=group)
+    return K.weight_spec(f"amx_{kind}_v1", {"n_block": 4, "group_size": group}, (*lead, n, k), packed), w
+
+
+# (id, maker, integer?) with edge shapes: a short last row group (ggml N % 8 != 0), a partial last
+# N-block (amx N = 48: 3 tiles of a 4-tile block), odd K for the float rows.
+CASES = [
+    ("Q8_0", lambda: ggml_weights("Q8_0", 13, 96), True),
+    ("Q4_K", lambda: ggml_weights("Q4_K", 21, 512), True),
+    ("Q5_K", lambda: ggml_weights("Q5_K", 16, 512), True),
+    ("Q6_K", lambda: ggml_weights("Q6_K", 11, 512), True),
+    ("BF16", lambda: ggml_weights("BF16", 19, 37), False),
+    ("F32", lambda: ggml_weights("F32", 8, 33), False),
+    ("amx_int4_g32", lambda: amx_weights("int4", 48, 384, 32), True),
+    ("amx_int4_g64", lambda: amx_weights("int4", 80, 256, 64), True),
+    ("amx_int4_g128", lambda: amx_weights("int4", 16, 128, 128), True),
+    ("amx_int8", lambda: amx_weights("int8", 48, 192), True),
+    ("amx_bf16", lambda: amx_weights("bf16", 80, 96), False),
+]
+
+
+def _x(m: int, k: int) -> np.ndarray:
+    # heavy-tailed activations (outliers, as real hidden states have)
+    return (RNG.standard_normal((m, k)) * np.exp(RNG.standard_normal((m, k)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("m", [1, 3, 17, 118])
+def test_gemm_against_numpy(isa, case, m, use_isa):
+    use_isa(isa)
+    _, make, integer = case
+    spec, w = make()
+    n, k = w.shape
+    x = _x(m, k)
+    y = np.full((m, n), np.nan, np.float32)
+    K.Linear(spec).forward(x, y)
+    assert not np.isnan(y).any(), "some outputs were never written"
+    w64 = w.astype(np.float64)
+    absw = np.abs(w64)
+    if integer:
+        block = _native.act_block(spec[0], spec[7])
+        xh = quantize_act(torch.from_numpy(x), block).double().numpy()
+        err_q = np.abs(x - xh)
+        d = np.repeat(np.abs(x).reshape(m, -1, block).max(-1) / 127, block, axis=-1)
+        assert (err_q <= d * (0.5 + 2**-14)).all(), "activation quantization error exceeds d/2"
+        exact = xh @ w64.T
+        assert (np.abs(y - exact) <= 1e-5 * (np.abs(xh) @ absw.T) + 1e-30).all(), "kernel != W x̂"
+        bound = np.abs(x - xh) @ absw.T + 1e-5 * (np.abs(x) @ absw.T)
+    else:
+        bound = 1e-5 * (np.abs(x) @ absw.T)
+    assert (np.abs(y - x.astype(np.float64) @ w64.T) <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_quantize_is_the_reference_definition(isa, use_isa):
+    use_isa(isa)
+    x = _x(7, 512)
+    x[0, :64] = 0.0  # an all-zero block
+    for block in (16, 32, 64, 128, 256):
+        q, d, s = _native.quantize(x, block)
+        xh = (q.astype(np.float32).reshape(7, -1, block) * d[..., None]).reshape(7, 512)
+        assert np.array_equal(xh, quantize_act(torch.from_numpy(x), block).numpy())
+        assert np.array_equal(s, q.reshape(7, -1, 16).astype(np.int32).sum(-1))
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_stacked_linear_is_per_matrix(isa, use_isa):
+    """A 3-D weight (attn_k_b / attn_v_b): x[T, M, K] -> y[T, M, N], matrix m for slot m."""
+    use_isa(isa)
+    spec, w = ggml_weights("Q8_0", 24, 64, lead=(5,))
+    x = _x(3 * 5, 64).reshape(3, 5, 64)
+    y = np.full((3, 5, 24), np.nan, np.float32)
+    K.Linear(spec).forward(x, y)
+    xh = quantize_act(torch.from_numpy(x), 32).double().numpy()
+    want = np.einsum("tmk,mnk->tmn", xh, w.astype(np.float64))
+    assert np.allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------- routed experts
+
+
+def _experts_case(fmt: str, e: int, h: int, inter: int):
+    """Full gate/up [E, I, H] and down [E, H, I] as (maker(lo, hi) -> slice specs, dequantized full)."""
+    if fmt.startswith("amx"):
+        kind, group = fmt.split("_")[1], 64
+        full = {p: RNG.standard_normal((e, *s)).astype(np.float32) * 0.05 for p, s in
+                (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter)))}  # fmt: skip
+
+        def piece(p, lo, hi):
+            wf = full[p][:, lo:hi] if p != "down" else np.ascontiguousarray(full[p][:, :, lo:hi])
+            packed = amx.pack(kind, wf, group_size=group)
+            deq = amx.dequantize(kind, packed, wf.shape, group_size=group)
+            return K.weight_spec(f"amx_{kind}_v1", {"n_block": 4, "group_size": group}, wf.shape, packed), deq
+    else:
+        gt = {"gate": fmt, "up": fmt, "down": "Q6_K" if fmt == "Q4_K" else fmt}
+        bv = ggml.block_geometry(gt["down"])[0]
+        raws = {}
+        for p, s in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+            r = random_blocks(RNG, (e, *s), GGMLQuantizationType[gt[p]])
+            raws[p] = np.ascontiguousarray(r).view(np.uint8).reshape(e, s[0], -1)
+
+        def piece(p, lo, hi):
+            t = gt[p]
+            if p == "down":
+                bb = ggml.block_geometry(t)[1]
+                raw = np.ascontiguousarray(raws[p][:, :, lo // bv * bb : hi // bv * bb])
+                shape = (e, h, hi - lo)
+            else:
+                raw = np.ascontiguousarray(raws[p][:, lo:hi])
+                shape = (e, hi - lo, h)
+            deq = ggml.dequantize(raw, t).reshape(shape)
+            return K.weight_spec("ggml_rows_v1", {"ggml_type": t, "rows": 8}, shape, ggml.pack(raw, t, 8)), deq
+
+    return piece
+
+
+def _experts_ref(x, idx, wts, gate, up, down, in_block, h_block):
+    """Σ_j w_j · down_e(silu(gate_e x̂) ⊙ up_e x̂)^ in f64, with the engine's activation quantization."""
+    xh = quantize_act(torch.from_numpy(x), in_block).double() if in_block else torch.from_numpy(x).double()
+    out = torch.zeros_like(xh)
+    g, u, d = (torch.from_numpy(a).double() for a in (gate, up, down))
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            hv = torch.nn.functional.silu(g[e] @ xh[t]) * (u[e] @ xh[t])
+            if h_block:
+                hv = quantize_act(hv.float()[None], h_block)[0].double()
+            out[t] += float(wts[t, j]) * (d[e] @ hv)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("fmt", ["amx_int4", "amx_int8", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_experts_numa_slices(isa, fmt, tokens, use_isa):
+    """1, 2, 4 and 8 NUMA slices (cut along the intermediate dimension at the layout's unit).
+
+    Each result equals the f64 reference on its own weights and the engine's quantized activations
+    within 2e-4 of max|y| (f32 sums, and silu's exp differs from torch's by <= 2 ulp). Where slicing
+    leaves the weights unchanged (ggml blocks, int4 groups never straddle a cut) the n-slice result
+    equals the 1-slice one within 1e-5 of max|y|: only where the partial down-projections are summed
+    changes. amx_int8 has one scale per row of down over the slice's K, so its slices are different
+    weights and only the reference check applies."""
+    use_isa(isa)
+    e, h, inter, k = 8, 256, 2048, 4
+    piece = _experts_case(fmt, e, h, inter)
+    x = _x(tokens, h)
+    idx = np.stack([RNG.choice(e, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+    wts = RNG.random((tokens, k)).astype(np.float32)
+    results = {}
+    for n_slices in (1, 2, 4, 8):
+        bounds = np.linspace(0, inter, n_slices + 1).astype(int)
+        slices, deq = [], []
+        for s in range(n_slices):
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            (gs, gd), (us, ud), (ds, dd) = piece("gate", lo, hi), piece("up", lo, hi), piece("down", lo, hi)
+            slices.append((gs, us, ds, lo, hi, s))
+            deq.append((gd, ud, dd))
+        op = K.Experts(slices, e, h, inter)
+        out = np.full((tokens, h), np.nan, np.float32)
+        op.forward(x, idx, wts, out)
+        assert not np.isnan(out).any()
+        gate, up, down = (np.concatenate([d[i] for d in deq], axis=2 if i == 2 else 1) for i in range(3))
+        in_block = _native.act_block(slices[0][0][0], 64)
+        h_block = _native.act_block(slices[0][2][0], 64)
+        want = _experts_ref(x, idx, wts, gate, up, down, in_block, h_block)
+        assert np.abs(out - want).max() <= 2e-4 * np.abs(want).max(), n_slices
+        results[n_slices] = out
+    if fmt != "amx_int8":
+        scale = np.abs(results[1]).max()
+        for n_slices in (2, 4, 8):
+            assert np.abs(results[n_slices] - results[1]).max() <= 1e-5 * scale, n_slices
+
+
+def test_experts_reject_bad_index():
+    spec_g, _ = amx_weights("int8", 64, 128, lead=(4,))
+    spec_d, _ = amx_weights("int8", 128, 64, lead=(4,))
+    op = K.Experts([(spec_g, spec_g, spec_d, 0, 64, 0)], 4, 128, 64)
+    out = np.zeros((1, 128), np.float32)
+    with pytest.raises(IndexError, match="expert index 7"):
+        op.forward(np.zeros((1, 128), np.float32), np.array([[7]], np.int64), np.ones((1, 1), np.float32), out)
+
+
+def test_bad_specs_are_refused():
+    spec, _ = ggml_weights("Q4_K", 16, 256)
+    short = (spec[0], spec[1][:-1], *spec[2:])
+    with pytest.raises(ValueError, match="bytes"):
+        K.Linear(short)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        K.Linear(("ggml_q3_k", *spec[1:]))
+    lin = K.Linear(spec)
+    with pytest.raises(ValueError, match="float32"):
+        lin.forward(np.zeros((1, 256), np.float64), np.zeros((1, 16), np.float32))
+
+
+# ---------------------------------------------------------------------------- ISA forcing
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_forced_isa_runs_in_a_fresh_process(isa):
+    """KTPACK_ISA=<isa> in a new process: selected, a Q4_K and an amx_int4 product run (no SIGILL)."""
+    code = (
+        "import numpy as np; from ktpack import kernels as K; from ktpack.layouts import amx;"
+        "print(K.ensure_engine());"
+        "w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32);"
+        "s = K.weight_spec('amx_int4_v1', {'n_block': 4, 'group_size': 128}, (64, 256), amx.pack('int4', w));"
+        "y = np.zeros((2, 64), np.float32); K.Linear(s).forward(np.ones((2, 256), np.float32), y);"
+        "print(float(y.sum()))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "KTPACK_ISA": isa}, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == isa
+
+
+def test_unknown_or_unsupported_isa_is_refused():
+    r = subprocess.run(
+        [sys.executable, "-c", "from ktpack import kernels as K; K.ensure_engine()"],
+        env={**os.environ, "KTPACK_ISA": "sse9"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "KTPACK_ISA='sse9' is not one of ref, avx2, avx512, amx" in r.stderr
+    missing = [name for name in K.ISAS if not K.supported(name)[0]]
+    if not missing:
+        pytest.skip("this machine runs every ISA: no unsupported one to force (the refusal path is shared)")
+    r = subprocess.run(
+        [sys.executable, "-c", "from ktpack import kernels as K; K.ensure_engine()"],
+        env={**os.environ, "KTPACK_ISA": missing[0]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and f"KTPACK_ISA={missing[0]} cannot run on this machine" in r.stderr
