@@ -74,10 +74,18 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
 @click.option("--prefill-chunk", default=256, show_default=True)
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the run's figures and ids as JSON.")
 @click.option("--verify", is_flag=True, help="Check every checksum of the packed folder before loading.")
+@click.option(
+    "--engine",
+    type=click.Choice(["native", "ref", "ref-actq"]),
+    default=None,
+    help="CPU engine: native (default; KTPACK_ENGINE), ref (f32 torch oracle), ref-actq (oracle with the "
+    "native engine's activation quantization).",
+)
 def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids: Path | None, system: str | None,
          raw: bool, score: Path | None, logits_out: Path | None, max_new_tokens: int, temperature: float, top_k: int,
          top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], ignore_eos: bool,
-         ctx_size: int, prefill_chunk: int, stats_json: Path | None, verify: bool) -> None:  # fmt: skip
+         ctx_size: int, prefill_chunk: int, stats_json: Path | None, verify: bool,
+         engine: str | None) -> None:  # fmt: skip
     """Generate from a packed folder (tokens streamed to stdout, one stats line on stderr).
 
     \b
@@ -102,7 +110,7 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
                 raise EngineError(f"{prompt_file}: cannot read the prompt ({e})") from None
         ids_in = _load_ids(prompt_ids, "--prompt-ids") if prompt_ids else None
         score_ids = _load_ids(score, "--score ids") if score else None
-        eng = Engine(packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify)
+        eng = Engine(packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine)
         if score_ids is not None:
             logits = eng.score(score_ids)
             np.save(logits_out, logits.astype(np.float32))

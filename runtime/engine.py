@@ -77,12 +77,19 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, folder: Path | str, ctx_size: int = 4096, prefill_chunk: int = 256, verify: bool = False):
+    def __init__(
+        self,
+        folder: Path | str,
+        ctx_size: int = 4096,
+        prefill_chunk: int = 256,
+        verify: bool = False,
+        engine: str | None = None,
+    ):
         from .model import DeepseekV3Model, KVCache
         from .weights import load_pack
 
         self.folder = Path(folder)
-        self.pack = load_pack(self.folder, verify=verify)
+        self.pack = load_pack(self.folder, verify=verify, engine=engine)
         self.config = self.pack.config
         self.model = DeepseekV3Model(self.pack)
         if ctx_size < 1:
