@@ -199,6 +199,18 @@ PYBIND11_MODULE(_native, m) {
         return py::make_tuple(q, d, s);
       },
       "Quantize rows of activations as the integer kernels do: (codes, scales, sums of 16).");
+  m.def(
+      "read_all",
+      [](py::buffer b) {
+        py::buffer_info info = b.request();
+        if (info.itemsize != 1 || info.ndim != 1 || info.size % 64)
+          throw py::value_error("read_all takes a 1-D uint8 buffer whose size is a multiple of 64");
+        const auto* p = static_cast<const uint8_t*>(info.ptr);
+        const int64_t n = info.size;
+        py::gil_scoped_release nogil;
+        return ktpack::read_all(p, n);
+      },
+      "Read a buffer once with every pool thread (a read-bandwidth probe); returns a checksum.");
   m.def("act_block", [](const std::string& type, int group) {
     ktpack::WMat w;
     w.type = parse_type(type);

@@ -71,8 +71,12 @@ using QuantFn = void (*)(const float* x, int64_t k, int block, int8_t* q, float*
 // h = silu(g) * u, elementwise.
 using SiluMulFn = void (*)(const float* g, const float* u, float* h, int64_t n);
 
+// XOR of the 64-bit words of p[0, n) (n % 64 == 0): a read-only pass for measuring bandwidth.
+using ReadFn = uint64_t (*)(const uint8_t* p, int64_t n);
+
 struct Kernels {
   const char* name;
+  ReadFn read;
   GemmFn gemm[static_cast<int>(WType::count)];
   QuantFn quantize;
   SiluMulFn silu_mul;

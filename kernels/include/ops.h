@@ -13,6 +13,10 @@ const Kernels& kernels();
 // Select by name: "ref", "avx2", "avx512", "amx". The caller has checked the CPU supports it.
 bool select_isa(const char* name);
 
+// Read n bytes (n % 64 == 0) with all pool threads, each a contiguous share; returns a checksum so
+// the reads cannot be optimized away.
+uint64_t read_all(const uint8_t* p, int64_t n);
+
 // A stack of `count` matrices of one format, `stride` bytes apart.
 struct WStack {
   WMat m;  // matrix 0

@@ -84,6 +84,22 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+uint64_t read_zmm(const uint8_t* p, int64_t n) {
+  __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+  int64_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    a = _mm512_xor_si512(a, _mm512_loadu_si512(p + i));
+    b = _mm512_xor_si512(b, _mm512_loadu_si512(p + i + 64));
+    c = _mm512_xor_si512(c, _mm512_loadu_si512(p + i + 128));
+    d = _mm512_xor_si512(d, _mm512_loadu_si512(p + i + 192));
+  }
+  for (; i < n; i += 64) a = _mm512_xor_si512(a, _mm512_loadu_si512(p + i));
+  const __m512i x = _mm512_xor_si512(_mm512_xor_si512(a, b), _mm512_xor_si512(c, d));
+  alignas(64) uint64_t w[8];
+  _mm512_store_si512(w, x);
+  return w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7];
+}
+
 void silu_mul_v(const float* g, const float* u, float* h, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -553,6 +569,7 @@ void fill_kernels_avx512(Kernels* k) {
   k->name = "avx512";
   fill_generic(k);
   k->silu_mul = silu_mul_v;
+  k->read = read_zmm;
   k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
   k->gemm[int(WType::ggml_q5_k)] = kquant_gemm<176>;

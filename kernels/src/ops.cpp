@@ -93,6 +93,21 @@ bool select_isa(const char* name) {
   return false;
 }
 
+uint64_t read_all(const uint8_t* p, int64_t n) {
+  ThreadPool& pl = pool();
+  const int64_t parts = pl.threads();
+  const int64_t per = (n / parts) / 64 * 64;
+  std::vector<uint64_t> sums(size_t(parts), 0);
+  const ReadFn rd = kernels().read;
+  pl.run(parts, [&](int64_t t, int) {
+    const int64_t lo = t * per, hi = t == parts - 1 ? n : lo + per;
+    sums[size_t(t)] = rd(p + lo, hi - lo);
+  });
+  uint64_t x = 0;
+  for (uint64_t s : sums) x ^= s;
+  return x;
+}
+
 // ---- activations ----
 
 QAct ActBuf::quantize(const float* x, int64_t ldx, int64_t rows, int64_t k, int block, bool integer) {
