@@ -79,7 +79,9 @@ def act_block(entry: TensorEntry) -> int | None:
     """Values per activation scale the native engine uses for this weight (None: f32 activations)."""
     layout, params = entry.layout, entry.params
     if layout == L.GGML_ROWS:
-        return {"Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(params.get("ggml_type", ""))
+        return {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(
+            params.get("ggml_type", "")
+        )
     if layout == L.AMX_INT8:
         return 64
     if layout == L.AMX_INT4:

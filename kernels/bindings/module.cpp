@@ -16,8 +16,10 @@ using ktpack::WType;
 
 namespace {
 
-const char* const kTypeNames[] = {"ggml_q8_0", "ggml_q4_k", "ggml_q5_k", "ggml_q6_k", "ggml_bf16",
-                                  "ggml_f32",  "amx_int4",  "amx_int8",  "amx_bf16"};
+// In WType order.
+const char* const kTypeNames[] = {"ggml_q8_0", "ggml_q4_k", "ggml_q5_k", "ggml_q6_k", "ggml_bf16", "ggml_f32", "amx_int4",
+                                  "amx_int8",  "amx_bf16",  "ggml_q4_0", "ggml_q4_1", "ggml_q5_0", "ggml_q5_1"};
+static_assert(sizeof(kTypeNames) / sizeof(kTypeNames[0]) == int(WType::count), "one name per WType");
 
 WType parse_type(const std::string& s) {
   for (int i = 0; i < int(WType::count); ++i)
@@ -41,7 +43,7 @@ ktpack::WStack make_stack(const py::tuple& t, std::vector<py::object>* keep) {
   s.m.rows = t[5].cast<int>();
   s.m.n_block = t[6].cast<int>();
   s.m.group = t[7].cast<int>();
-  const bool amx = s.m.type >= WType::amx_int4;
+  const bool amx = ktpack::is_amx_type(s.m.type);
   if (s.m.n <= 0 || s.m.k <= 0 || s.count <= 0) throw py::value_error("weight shape must be positive");
   if (!amx && (s.m.rows < 1 || s.m.k % ktpack::ggml_block_values(s.m.type)))
     throw py::value_error("ggml row length is not a whole number of blocks");

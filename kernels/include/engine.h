@@ -21,8 +21,14 @@ enum class WType : int {
   amx_int4,
   amx_int8,
   amx_bf16,
+  ggml_q4_0,
+  ggml_q4_1,
+  ggml_q5_0,
+  ggml_q5_1,
   count
 };
+
+inline bool is_amx_type(WType t) { return t == WType::amx_int4 || t == WType::amx_int8 || t == WType::amx_bf16; }
 
 // One N x K matrix in its packed layout, read where it lies (a memory-mapped shard).
 struct WMat {

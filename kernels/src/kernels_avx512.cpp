@@ -353,6 +353,81 @@ void q8_0_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, i
 }
 
 // ------------------------------------------------------------------------------------------------
+// Q4_0 / Q4_1 / Q5_0 / Q5_1: 32-value blocks of unsigned codes (dpbusd directly), an offset (8, 16)
+// or a per-block min applied through the activation block sums.
+
+template <WType T>
+inline __m256i q32_codes(const uint8_t* blk) {
+  constexpr int qs_off = T == WType::ggml_q4_0 ? 2 : T == WType::ggml_q4_1 ? 4 : T == WType::ggml_q5_0 ? 6 : 8;
+  const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + qs_off));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(qs, m4)),
+                                      _mm_and_si128(_mm_srli_epi16(qs, 4), m4), 1);
+  if constexpr (T == WType::ggml_q5_0 || T == WType::ggml_q5_1) {
+    uint32_t qh;
+    __builtin_memcpy(&qh, blk + qs_off - 4, 4);
+    c = _mm256_or_si256(c, _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10)));
+  }
+  return c;
+}
+
+template <WType T, int BB, int MT>
+void q32_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float* y, int64_t ldy) {
+  const int64_t nb = w.k / 32;
+  const uint8_t* base = w.data + g0 * nb * BB;
+  __m256 accf[8][MT];
+  float off[8][MT];
+  for (int i = 0; i < rg; ++i)
+    for (int t = 0; t < MT; ++t) accf[i][t] = _mm256_setzero_ps(), off[i][t] = 0.f;
+  int64_t ar[MT];
+  for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[MT];
+    float dx[MT], xsum[MT];
+    for (int t = 0; t < MT; ++t) {
+      xv[t] = _mm256_loadu_si256((const __m256i*)(a.q + ar[t] * a.k + 32 * b));
+      dx[t] = a.d[ar[t] * (a.k / 32) + b];
+      const int32_t* xs = a.s16 + ar[t] * (a.k / 16) + 2 * b;
+      xsum[t] = float(xs[0] + xs[1]);
+    }
+    for (int i = 0; i < rg; ++i) {
+      const uint8_t* blk = base + (b * rg + i) * BB;
+      const __m256i c = q32_codes<T>(blk);
+      const float d = f16_to_f32(rd16(blk));
+      float mo;  // per unit of dx * xsum
+      if constexpr (T == WType::ggml_q4_0) mo = -8.f * d;
+      else if constexpr (T == WType::ggml_q5_0) mo = -16.f * d;
+      else mo = f16_to_f32(rd16(blk + 2));
+      for (int t = 0; t < MT; ++t) {
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xv[t]);
+        accf[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx[t]), accf[i][t]);
+        off[i][t] += mo * dx[t] * xsum[t];
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < rg; ++i) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(accf[i][t]), _mm256_extractf128_ps(accf[i][t], 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      y[(r0 + t) * ldy + g0 + i] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + off[i][t];
+    }
+}
+
+template <WType T, int BB>
+void q32_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
+    const int rg = int(imin64(w.rows, w.n - g0));
+    if (rg > 8) {
+      gemm_rows<row_q32<T, BB>>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
+      continue;
+    }
+    int r = 0;
+    for (; r + 4 <= a.m; r += 4) q32_group<T, BB, 4>(w, a, g0, rg, r, y, ldy);
+    for (; r < a.m; ++r) q32_group<T, BB, 1>(w, a, g0, rg, r, y, ldy);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // ggml BF16 / F32 rows (blocks of one value: 8 rows' values of column b are adjacent). A vector of
 // 16 weights is columns (b, b+1) x rows 0..7; the activation vector is [x_b x8, x_b+1 x8].
 
@@ -579,6 +654,10 @@ void fill_kernels_avx512(Kernels* k) {
   k->gemm[int(WType::amx_int8)] = amx_gemm<Int8NB>;
   k->gemm[int(WType::amx_int4)] = amx_gemm<Int4NB>;
   k->gemm[int(WType::amx_bf16)] = amx_gemm<Bf16NB>;
+  k->gemm[int(WType::ggml_q4_0)] = q32_gemm<WType::ggml_q4_0, 18>;
+  k->gemm[int(WType::ggml_q4_1)] = q32_gemm<WType::ggml_q4_1, 20>;
+  k->gemm[int(WType::ggml_q5_0)] = q32_gemm<WType::ggml_q5_0, 22>;
+  k->gemm[int(WType::ggml_q5_1)] = q32_gemm<WType::ggml_q5_1, 24>;
 }
 
 }  // namespace ktpack

@@ -15,7 +15,11 @@ namespace ktpack {
 
 int ggml_block_values(WType t) {
   switch (t) {
-    case WType::ggml_q8_0: return 32;
+    case WType::ggml_q8_0:
+    case WType::ggml_q4_0:
+    case WType::ggml_q4_1:
+    case WType::ggml_q5_0:
+    case WType::ggml_q5_1: return 32;
     case WType::ggml_q4_k:
     case WType::ggml_q5_k:
     case WType::ggml_q6_k: return 256;
@@ -31,11 +35,15 @@ int ggml_block_bytes(WType t) {
     case WType::ggml_q6_k: return 210;
     case WType::ggml_bf16: return 2;
     case WType::ggml_f32: return 4;
+    case WType::ggml_q4_0: return 18;
+    case WType::ggml_q4_1: return 20;
+    case WType::ggml_q5_0: return 22;
+    case WType::ggml_q5_1: return 24;
     default: return 0;
   }
 }
 
-static bool is_amx(WType t) { return t == WType::amx_int4 || t == WType::amx_int8 || t == WType::amx_bf16; }
+static bool is_amx(WType t) { return is_amx_type(t); }
 
 int64_t row_align(const WMat& w) { return is_amx(w.type) ? int64_t(w.n_block) * 16 : w.rows; }
 
@@ -43,7 +51,11 @@ bool is_integer(WType t) { return t != WType::ggml_bf16 && t != WType::ggml_f32 
 
 int act_block(const WMat& w) {
   switch (w.type) {
-    case WType::ggml_q8_0: return 32;
+    case WType::ggml_q8_0:
+    case WType::ggml_q4_0:
+    case WType::ggml_q4_1:
+    case WType::ggml_q5_0:
+    case WType::ggml_q5_1: return 32;
     case WType::ggml_q4_k:
     case WType::ggml_q5_k:
     case WType::ggml_q6_k: return 256;
