@@ -171,13 +171,19 @@ void LinearOp::forward(const float* x, int64_t T, float* y) {
   const int64_t rows = chunk_rows(N, row_align(m), want);
   const int64_t nch = (N + rows - 1) / rows;
   const GemmFn gemm = kernels().gemm[int(m.type)];
-  p.run(C * nch, [&](int64_t task, int) {
+  auto task_fn = [&](int64_t task, int) {
     const int64_t c = task / nch, j = task % nch;
     QAct ac = a;
     ac.idx = idx_.data() + c * T;
     ac.m = int(T);
     gemm(w_.at(c), ac, j * rows, std::min(N, (j + 1) * rows), y + c * N, C * N);
-  });
+  };
+  // Below ~256 KiB of weights x tokens the wake-up of the other threads costs more than it saves.
+  if (w_.stride * C * T < (int64_t(1) << 18)) {
+    for (int64_t t = 0; t < C * nch; ++t) task_fn(t, 0);
+  } else {
+    p.run(C * nch, task_fn);
+  }
 }
 
 // ---- routed experts ----
