@@ -13,8 +13,9 @@ the distinct experts a call touches ÷ time), with ratios against, measured here
   is run there; kt-kernel needs its own environment, installed with `pip install --no-deps kt-kernel`
   plus a CPU torch).
 
-The routing changes every repetition (random top-8 per token) so that weights come from DRAM, not
-cache. Each repetition waits for a quiet machine and is discarded (and redone) when other processes
+The routing changes every repetition (random top-8 per token) and a buffer of twice the last-level
+cache is written between repetitions (outside the timing; this machine's L3 holds 480 MiB, more than
+the whole "small" layer), so that weights come from DRAM as they do at R1 scale. Each repetition waits for a quiet machine and is discarded (and redone) when other processes
 used more than 5% of a core while it ran; medians are reported.
 
     python scripts/bench_moe.py --shapes small r1 --json moe.json [--ktk-python /path/to/python]
@@ -72,13 +73,36 @@ def wait_quiet(limit: float | None = None, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+FLUSH: np.ndarray | None = None  # written between repetitions (outside the timing) to evict the L3
+
+
+def l3_bytes() -> int:
+    """The largest cache's size from sysfs (0 when unknown)."""
+    best = 0
+    for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            txt = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        best = max(best, int(txt.rstrip("KMG")) * mult)
+    return best
+
+
+def flush_cache() -> None:
+    if FLUSH is not None:
+        FLUSH += 1
+
+
 def timed(fn, reps: int, limit: float | None = None, max_tries: int = 5) -> float:
-    """Median seconds of `fn()` over `reps` undisturbed repetitions (after one warm-up)."""
+    """Median seconds of `fn()` over `reps` undisturbed repetitions (after one warm-up); the last-level
+    cache is flushed before each one, so weights come from DRAM as they do at scale."""
     limit = QUIET if limit is None else limit
     fn()
     times = []
     for _ in range(reps):
         for _attempt in range(max_tries):
+            flush_cache()
             wait_quiet(limit)
             b0, m0 = _busy()
             t0 = time.perf_counter()
@@ -215,10 +239,13 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--ktk-python", help="a Python with kt-kernel + CPU torch (runs scripts/peers/ktk_moe.py)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--flush-mb", type=int, help="bytes written between reps to evict caches (default 2x L3)")
     ap.add_argument("--max-other", type=float, default=0.05, help="other processes' load (cores) that voids a rep")
     args = ap.parse_args()
-    global QUIET
+    global QUIET, FLUSH
     QUIET = args.max_other
+    flush = args.flush_mb if args.flush_mb is not None else 2 * l3_bytes() // (1 << 20)
+    FLUSH = np.zeros(flush << 20, np.uint8) if flush > 0 else None
 
     os.environ.setdefault("KTPACK_THREADS", str(args.threads))
     _native.set_threads(args.threads)
