@@ -15,7 +15,8 @@ the distinct experts a call touches ÷ time), with ratios against, measured here
 
 The routing changes every repetition (random top-8 per token) and a buffer of twice the last-level
 cache is written between repetitions (outside the timing; this machine's L3 holds 480 MiB, more than
-the whole "small" layer), so that weights come from DRAM as they do at R1 scale. Each repetition waits for a quiet machine and is discarded (and redone) when other processes
+the whole "small" layer), so that weights come from DRAM as they do at R1 scale. Each repetition waits
+for a quiet machine and is discarded (and redone) when other processes
 used more than 5% of a core while it ran; medians are reported.
 
     python scripts/bench_moe.py --shapes small r1 --json moe.json [--ktk-python /path/to/python]
@@ -91,7 +92,7 @@ def l3_bytes() -> int:
 
 def flush_cache() -> None:
     if FLUSH is not None:
-        FLUSH += 1
+        np.add(FLUSH, 1, out=FLUSH)
 
 
 def timed(fn, reps: int, limit: float | None = None, max_tries: int = 5) -> float:
