@@ -286,17 +286,22 @@ void kquant_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y,
                                        : row_q6_k(w, n, a, a.row(r));
       continue;
     }
+    // Lambdas (one type each) rather than function pointers, so the unpackers are inlined.
+    const auto u4 = [](const uint8_t* b, KBlock* k) { unpack_q4k(b, k); };
+    const auto u5 = [](const uint8_t* b, KBlock* k) { unpack_q5k(b, k); };
+    const auto u6 = [](const uint8_t* b, KBlock* k) { unpack_q6k(b, k); };
+    const auto xk4 = [](const int8_t* x, __m512i* xa) { xload_k4(x, xa); };
+    const auto xnat = [](const int8_t* x, __m512i* xa) { xload_natural(x, xa); };
     int r = 0;
     if constexpr (BB == 144) {
-      for (; r + 4 <= a.m; r += 4) kquant_group<4, 144>(w, a, g0, rg, r, y, ldy, unpack_q4k, xload_k4);
-      for (; r < a.m; ++r) kquant_group<1, 144>(w, a, g0, rg, r, y, ldy, unpack_q4k, xload_k4);
+      for (; r + 4 <= a.m; r += 4) kquant_group<4, 144>(w, a, g0, rg, r, y, ldy, u4, xk4);
+      for (; r < a.m; ++r) kquant_group<1, 144>(w, a, g0, rg, r, y, ldy, u4, xk4);
     } else if constexpr (BB == 176) {
-      for (; r + 4 <= a.m; r += 4) kquant_group<4, 176>(w, a, g0, rg, r, y, ldy, unpack_q5k, xload_k4);
-      for (; r < a.m; ++r) kquant_group<1, 176>(w, a, g0, rg, r, y, ldy, unpack_q5k, xload_k4);
+      for (; r + 4 <= a.m; r += 4) kquant_group<4, 176>(w, a, g0, rg, r, y, ldy, u5, xk4);
+      for (; r < a.m; ++r) kquant_group<1, 176>(w, a, g0, rg, r, y, ldy, u5, xk4);
     } else {
-      for (; r + 4 <= a.m; r += 4)
-        kquant_group<4, 210>(w, a, g0, rg, r, y, ldy, unpack_q6k, xload_natural);
-      for (; r < a.m; ++r) kquant_group<1, 210>(w, a, g0, rg, r, y, ldy, unpack_q6k, xload_natural);
+      for (; r + 4 <= a.m; r += 4) kquant_group<4, 210>(w, a, g0, rg, r, y, ldy, u6, xnat);
+      for (; r < a.m; ++r) kquant_group<1, 210>(w, a, g0, rg, r, y, ldy, u6, xnat);
     }
   }
 }
