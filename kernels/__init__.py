@@ -92,6 +92,9 @@ def ensure_engine() -> str:
     want = isa()
     if _selected != want:
         _native.select_isa(want)
+        nodes = _native.machine_nodes()
+        if _selected is None and nodes > 1:  # threads grouped and pinned per node
+            _native.set_threads(0, nodes)
         _selected = want
     return want
 

@@ -64,6 +64,10 @@ class Pack:
         for f in manifest.files:
             if f.kind == "cpu_shard":
                 self._maps[f.path] = np.memmap(folder / f.path, dtype=np.uint8, mode="r")
+                if self.engine == "native" and f.node is not None:
+                    from .. import kernels  # each node's shard in its own memory (no-op on one node)
+
+                    kernels._native.bind_to_node(self._maps[f.path], int(f.node))
         if self.config.attention_layout == "kv_b" or any(n.endswith(".attn_kv_b.weight") for n in self.entries):
             self._split_kv_b()
 

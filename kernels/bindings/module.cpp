@@ -184,6 +184,14 @@ PYBIND11_MODULE(_native, m) {
       "set_threads", [](int threads, int nodes) { ktpack::set_pool(threads, nodes); }, py::arg("threads") = 0,
       py::arg("nodes") = 1, "Recreate the thread pool (threads <= 0: KTPACK_THREADS or the usable cores).");
   m.def("threads", [] { return ktpack::pool().threads(); });
+  m.def("machine_nodes", &ktpack::machine_nodes, "NUMA nodes of this machine (1 when unknown).");
+  m.def(
+      "bind_to_node",
+      [](py::buffer b, int node) {
+        py::buffer_info info = b.request();
+        return ktpack::bind_to_node(info.ptr, size_t(info.size * info.itemsize), node);
+      },
+      "Prefer NUMA node `node` for a buffer's pages (no-op on one node); returns 0 or errno.");
   m.def(
       "quantize",
       [](py::array x, int block) {

@@ -53,6 +53,12 @@ class ThreadPool {
   std::atomic<bool> stop_{false};
 };
 
+// NUMA nodes this machine has (sysfs; 1 when unknown).
+int machine_nodes();
+// Prefer node `node` for the pages of [addr, addr+len) (mbind MPOL_PREFERRED; pages already
+// present stay where they are). A no-op returning 0 on a one-node machine; errno on failure.
+int bind_to_node(const void* addr, size_t len, int node);
+
 // The process-wide pool (created on first use with KTPACK_THREADS or the usable cores).
 ThreadPool& pool();
 // Replace the process-wide pool (threads <= 0: the default).

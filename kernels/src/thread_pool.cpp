@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -63,6 +64,23 @@ void pin_to_node(int node) {
 bool machine_has_nodes(int nodes) { return !node_cpus(nodes - 1).empty(); }
 
 }  // namespace
+
+int machine_nodes() {
+  int n = 0;
+  while (!node_cpus(n).empty()) ++n;
+  return n < 1 ? 1 : n;
+}
+
+int bind_to_node(const void* addr, size_t len, int node) {
+  if (node < 0 || node >= 64 || machine_nodes() < 2) return 0;  // nothing to do on one node
+  const uintptr_t page = 4096;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr) & ~(page - 1);
+  const size_t l = len + (reinterpret_cast<uintptr_t>(addr) - a);
+  unsigned long mask = 1ul << node;
+  constexpr int kMpolPreferred = 1;
+  if (syscall(SYS_mbind, a, l, kMpolPreferred, &mask, 64, 0) != 0) return errno;
+  return 0;
+}
 
 ThreadPool::ThreadPool(int threads, int nodes)
     : n_threads_(threads < 1 ? 1 : threads), n_nodes_(nodes < 1 ? 1 : nodes), ranges_(n_nodes_) {
