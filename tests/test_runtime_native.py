@@ -3,9 +3,10 @@
 - Float layouts (ggml F32/BF16 rows, amx-bf16 tiles): the engine's arithmetic is f32, so its logits
   meet the runtime's oracle bound against transformers (1e-4, top-1 equal everywhere).
 - Integer layouts quantize every activation to int8 per block (the engine's definition,
-  runtime.cpu_ops.quantize_act). Each operation is checked where it is exact: every CPU linear and
-  every routed-experts layer of the pack against the reference engine given the same quantized
-  inputs ("ref-actq"), within 1e-5 of the output scale. Whole-model logits are not a bound: a
+  runtime.cpu_ops.quantize_act). Each operation is checked where it is exact: every CPU linear of the
+  pack against the reference engine given the same quantized inputs ("ref-actq"), within 1e-5 of the
+  output scale; every routed-experts layer within 1e-2 (its intermediate h is quantized again, and a
+  code of h may round the other way on an ulp of difference). Whole-model logits are not a bound: a
   quantization code that flips on a 1e-7 difference moves its value by d = amax/127, and a flipped
   router choice changes a token's experts, so the test states what the engine delivers against the
   ref-actq oracle on 80 positions — rms difference <= 20% of the logits' rms (measured 1-10%; it varies
@@ -142,7 +143,10 @@ def test_integer_layouts_per_op_and_model(isa, pack, isa_env, packs, ids):
         )
         w = torch.rand(9, cfg.num_experts_per_tok, generator=gen)
         ya, yb = ea(x, idx, w), eb(x, idx, w)
-        assert (ya - yb).abs().max() <= 1e-5 * yb.abs().max(), f"experts of layer {layer}"
+        # h = silu(g)·u is computed in C++ and in torch (exp differs by <= 2 ulp) before it is quantized
+        # again for down, so a code of h may round the other way: one flip moves a term by d_h·|w| ≈ 1e-3
+        # of the output. 1e-2 admits a few; a wrong kernel is off by ~100%.
+        assert (ya - yb).abs().max() <= 1e-2 * yb.abs().max(), f"experts of layer {layer}"
     got, want = logits(folder, ids, "native"), ref_actq_logits(folder, ids)
     rms = (got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
