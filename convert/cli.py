@@ -18,12 +18,12 @@ _DEFAULTS = ConvertOptions()
 
 def open_source(src: Path, plan_only: bool = False) -> Source:
     """Pick the reader by what the path is (never by its name beyond the extension): a folder or a
-    .safetensors file is a Hugging Face checkpoint, anything else a GGUF. A header-only GGUF (a
-    tensor table without data) is accepted for --plan only."""
+    .safetensors file is a Hugging Face checkpoint, anything else a GGUF. A header-only source (a
+    tensor table without data: GGUF or safetensors shards) is accepted for --plan only."""
     if src.is_dir() or src.suffix == ".safetensors":
         from .safetensors_source import open_safetensors
 
-        return open_safetensors(src)
+        return open_safetensors(src, header_only_ok=plan_only)
     from .gguf_source import open_gguf
 
     return open_gguf(src, header_only_ok=plan_only)
@@ -48,10 +48,13 @@ def format_plan(plan: Plan) -> str:
     m = plan.manifest
     lines = []
     w = max(len(t.name) for t in m.tensors)
-    lines.append(f"{'tensor':<{w}}  {'source':<6} {'place':<6} {'layout':<15} {'bytes':>14}  nodes")
+    sw = max(6, *(len(t.source_dtype) for t in m.tensors))  # F8_E4M3 is 7 wide
+    lines.append(f"{'tensor':<{w}}  {'source':<{sw}} {'place':<6} {'layout':<15} {'bytes':>14}  nodes")
     for t in m.tensors:
         nodes = ",".join(str(p.node) for p in t.pieces if p.node is not None and p.nbytes) or "-"
-        lines.append(f"{t.name:<{w}}  {t.source_dtype:<6} {t.placement:<6} {t.layout:<15} {t.nbytes():>14,}  {nodes}")
+        lines.append(
+            f"{t.name:<{w}}  {t.source_dtype:<{sw}} {t.placement:<6} {t.layout:<15} {t.nbytes():>14,}  {nodes}"
+        )
     lines.append("")
     totals = plan.totals()
     lines.append(f"{'part':<8} {'bytes':>18} {'GiB':>10}")

@@ -1,14 +1,17 @@
 """Turn one planned tensor into its packed bytes, chunk by chunk (bounded memory).
 
-`produce(pt)` yields `(piece_index, buffer)` in order for each piece; the concatenated chunks of a
-piece are exactly its bytes. Chunks are cut so that at most about CHUNK_VALUES source values are
-dequantized at once, whatever the size of the model.
+`produce(pt)` yields `Chunk(piece, data, at)`s. Chunks with `at` None come in order: the
+concatenated chunks of a piece are exactly its bytes. A chunk with `at` set belongs at that byte
+offset of its piece: a piece is made of in-order chunks or of placed ones, never both, and its
+placed chunks cover it exactly once. Chunks are cut so that at most about CHUNK_VALUES source values
+are dequantized at once, whatever the size of the model, and no chunk grows with the model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +21,14 @@ from ktpack.layouts import ids as L
 from .plan import PlannedTensor
 
 CHUNK_VALUES = 1 << 19  # 512 Ki values = 2 MiB of float32 per chunk
+
+
+class Chunk(NamedTuple):
+    """Bytes of piece `piece` of a tensor: the next ones (`at` None) or those at byte `at` of the piece."""
+
+    piece: int
+    data: memoryview
+    at: int | None = None
 
 
 def _row_chunks(n_rows: int, row_len: int, multiple: int) -> Iterator[tuple[int, int]]:
@@ -43,7 +54,7 @@ def _extent(s: slice | int | None, size: int) -> int:
     return 1
 
 
-def produce(pt: PlannedTensor) -> Iterator[tuple[int, memoryview]]:
+def produce(pt: PlannedTensor) -> Iterator[Chunk]:
     e = pt.entry
     shape = tuple(e.shape)
     layout, params = e.layout, e.params
@@ -56,13 +67,13 @@ def produce(pt: PlannedTensor) -> Iterator[tuple[int, memoryview]]:
         for lead in leads:
             idx = _slice_index(shape, axis, lo, hi, lead)
             if layout == L.GGML_ROWS:
-                yield from ((base, b) for b in _ggml_chunks(pt, idx, params))
+                yield from (Chunk(base, b) for b in _ggml_chunks(pt, idx, params))
             elif layout == L.PLAIN:
-                yield from ((base, b) for b in _plain_chunks(pt, idx, params))
+                yield from (Chunk(base, b) for b in _plain_chunks(pt, idx, params))
             elif layout in (L.AMX_BF16, L.AMX_INT8, L.AMX_INT4):
-                yield from ((base, b) for b in _amx_chunks(pt, idx, params))
+                yield from (Chunk(base, b) for b in _amx_chunks(pt, idx, params))
             elif layout == L.MARLIN_INT4:
-                yield from _marlin_chunks(pt, idx, params, base)
+                yield from _marlin_chunks(pt, idx, params, base, 0 if lead is None else lead)
             else:
                 raise AssertionError(layout)
 
@@ -115,32 +126,42 @@ def _compose(s: slice | int, lo: int, hi: int) -> slice:
     return slice(start + lo, start + hi)
 
 
-def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int) -> Iterator[tuple[int, memoryview]]:
+def _marlin_chunks(pt: PlannedTensor, idx: tuple, params: dict, base: int, lead: int) -> Iterator[Chunk]:
     """Marlin's packed rows (qweight [K/16, 2N], scales [K/g, N]) follow K, so a matrix is streamed
-    in K chunks; each piece still receives its bytes in order. A K chunk of a very tall matrix (the
-    output head: N = 129280) is quantized in N slices of a multiple of 64 columns, which give the
-    same columns of qweight and scales (SPEC.md, marlin_int4_v1), so memory stays bounded."""
+    in K chunks (of a multiple of the group, of the source's block and of 16 inputs).
+
+    A K chunk of a tall matrix is quantized in N slices of a multiple of 64 columns, which give the
+    same columns of qweight and scales (SPEC.md, marlin_int4_v1), gathered in batches of about
+    CHUNK_VALUES * 4 bytes of qweight. When a batch does not span all N (the output head: N =
+    129280, a K chunk of 256 for Q4_K would be 16.5 MB of qweight), its rows are placed at their
+    offsets in the pieces (`Chunk.at`) instead of being gathered into rows of all N: memory does
+    not depend on N."""
     g = params["group_size"]
     n, k = pt.src.shape[-2], pt.src.shape[-1]
+    gk = k if g == -1 else g  # inputs per scale row
     unit = math.lcm(g, pt.src.block_k, 16)
     step = max(unit, (CHUNK_VALUES // n) // unit * unit)
+    n_step = max(64, CHUNK_VALUES // step // 64 * 64)  # columns quantized at once
+    n_batch = max(n_step, CHUNK_VALUES * 4 // (step // 16 * 8) // n_step * n_step)  # columns gathered
+    placed = n_batch < n
+    q_row, s_row = 2 * n * 4, n * 2  # bytes of one qweight row (16 inputs) and of one scale row, all N
+    q_lead, s_lead = lead * (k // 16) * q_row, lead * (k // gk) * s_row  # this matrix in a stacked tensor
     for k0 in range(0, k, step):
         k1 = min(k, k0 + step)
-        n_step = max(64, CHUNK_VALUES // (k1 - k0) // 64 * 64)
-        if n_step >= n:
-            w = pt.src.values((*idx[:-1], slice(k0, k1)))
-            qw, sc = marlin.pack(w, g, k_total=k)
-        else:
-            qw = np.empty(((k1 - k0) // 16, 2 * n), np.int32)
-            sc = np.empty(((k1 - k0) // (k if g == -1 else g), n), np.float16)
-            for n0 in range(0, n, n_step):
-                n1 = min(n, n0 + n_step)
+        for b0 in range(0, n, n_batch):
+            b1 = min(n, b0 + n_batch)
+            qw = np.empty(((k1 - k0) // 16, 2 * (b1 - b0)), np.int32)
+            sc = np.empty(((k1 - k0) // gk, b1 - b0), np.float16)
+            for n0 in range(b0, b1, n_step):
+                n1 = min(b1, n0 + n_step)
                 w = pt.src.values((*idx[:-2], _compose(idx[-2], n0, n1), slice(k0, k1)))
-                qw[:, 2 * n0 : 2 * n1], sc[:, n0:n1] = marlin.pack(w, g, k_total=k)
-        # qweight rows go out as small copies so that this chunk's array is freed before the next
-        # one is made (a K chunk of the R1 head is 16.5 MB; the writer queue is bounded in bytes)
-        rows = max(1, (1 << 20) // max(qw.shape[-1] * 4, 1))
-        for r0 in range(0, qw.shape[-2], rows):
-            yield base, memoryview(np.ascontiguousarray(qw[..., r0 : r0 + rows, :]).copy()).cast("B")
-        yield base + 1, memoryview(np.ascontiguousarray(sc)).cast("B")
-        del qw, sc, w
+                qw[:, 2 * (n0 - b0) : 2 * (n1 - b0)], sc[:, n0 - b0 : n1 - b0] = marlin.pack(w, g, k_total=k)
+                del w
+            if not placed:
+                yield Chunk(base, memoryview(qw).cast("B"))
+                yield Chunk(base + 1, memoryview(sc).cast("B"))
+                continue
+            for r in range(qw.shape[0]):
+                yield Chunk(base, memoryview(qw[r]).cast("B"), q_lead + (k0 // 16 + r) * q_row + 2 * b0 * 4)
+            for r in range(sc.shape[0]):
+                yield Chunk(base + 1, memoryview(sc[r]).cast("B"), s_lead + (k0 // gk + r) * s_row + b0 * 2)

@@ -17,6 +17,8 @@ data stay in read-only memory maps and are read one slice at a time.
   slice being converted only.
 - Layers `>= num_hidden_layers` (R1's layer 61: the multi-token-prediction module) are skipped and
   the manifest notes say so.
+- A shard that holds only its header (the tensor table, no data: a description of a checkpoint, as
+  `convert/synth/r1.py` writes for the full R1) is read for planning only (`header_only_ok`).
 """
 
 from __future__ import annotations
@@ -88,9 +90,13 @@ def hf_to_gguf_name(hf: str) -> tuple[str, int | None, int | None] | None:
 
 
 class _STFile:
-    """One safetensors file: the header parsed and checked; data mapped on first use."""
+    """One safetensors file: the header parsed and checked; data mapped on first use.
 
-    def __init__(self, path: Path):
+    `header_only_ok`: accept a file that ends right after its header although its tensors hold
+    data (a description of a checkpoint, for planning); `header_only` is then set and no tensor
+    data can be read."""
+
+    def __init__(self, path: Path, header_only_ok: bool = False):
         self.path = path
         try:
             with open(path, "rb") as f:
@@ -115,6 +121,7 @@ class _STFile:
             raise SourceError(f"{path.name}: corrupt safetensors header (not a JSON object)")
         self.data_start = 8 + n
         self.infos: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        self.header_only = False
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -130,16 +137,30 @@ class _STFile:
                     f"{path.name}: tensor {name}: data_offsets [{begin}, {end}) hold {end - begin} bytes, "
                     f"{dtype} {list(shape)} needs {want}"
                 )
-            if self.data_start + end > self.size:
-                raise SourceError(
-                    f"{path.name}: truncated file: tensor {name} needs bytes up to {self.data_start + end}, "
-                    f"the file has {self.size}"
-                )
             self.infos[name] = (dtype, shape, begin, end)
+        if self.size == self.data_start and any(end > 0 for _, _, _, end in self.infos.values()):
+            if not header_only_ok:
+                raise SourceError(
+                    f"{path.name}: the file holds only a header (a tensor table without data): it can be "
+                    f"planned (kt-convert --plan), not converted"
+                )
+            self.header_only = True
+        else:
+            for name, (_, _, _, end) in self.infos.items():
+                if self.data_start + end > self.size:
+                    raise SourceError(
+                        f"{path.name}: truncated file: tensor {name} needs bytes up to {self.data_start + end}, "
+                        f"the file has {self.size}"
+                    )
         self._map: np.memmap | None = None
 
     def bytes_of(self, name: str) -> np.ndarray:
         """uint8 view of a tensor's data (read-only map of the file)."""
+        if self.header_only:
+            raise SourceError(
+                f"{self.path.name}: tensor {name}: the file holds no data (a header-only description can "
+                f"only be planned)"
+            )
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         _, _, begin, end = self.infos[name]
@@ -378,7 +399,10 @@ def _shard_files(folder: Path, single: Path | None) -> tuple[list[Path], dict[st
     raise SourceError(f"{folder}: neither {INDEX_NAME} nor {SINGLE_NAME} is there (not a safetensors checkpoint)")
 
 
-def open_safetensors(path: Path | str) -> Source:
+def open_safetensors(path: Path | str, header_only_ok: bool = False) -> Source:
+    """Open a Hugging Face DeepSeek-V3/R1 folder (or one .safetensors file next to its config.json).
+    `header_only_ok`: accept shards that hold only their header (a description of a checkpoint, for
+    planning); such a Source has `header_only` set."""
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
@@ -393,7 +417,7 @@ def open_safetensors(path: Path | str) -> Source:
     notes: list[str] = []
 
     paths, weight_map, index = _shard_files(folder, None if path.is_dir() else path)
-    files = [_STFile(p) for p in paths]
+    files = [_STFile(p, header_only_ok) for p in paths]
     where: dict[str, _STFile] = {}
     for f in files:
         for name in f.infos:
@@ -485,6 +509,7 @@ def open_safetensors(path: Path | str) -> Source:
         metadata=c,
         _fingerprint={"files": fp_files},
         _tokenizer=tok_files,
+        header_only=any(f.header_only for f in files),
     )
 
 

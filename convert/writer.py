@@ -8,6 +8,7 @@ tensor has fixed offsets, and unfinished tensors are simply written again.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -15,6 +16,7 @@ import mmap
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +51,32 @@ class Summary:
 
 
 STAGE_BYTES = 4 << 20  # O_DIRECT staging buffer per CPU shard
+HASH_READ_BYTES = 1 << 20  # read-back buffer for hashing a piece written out of order
 DIRECT_ALIGN = 4096
+
+
+# glibc malloc (mallopt): allocations below MMAP_THRESHOLD come from the heap, and up to
+# TRIM_THRESHOLD bytes freed at its top are kept. Packing allocates and frees chunk-sized
+# temporaries (a few MB each) without end. glibc's adaptive thresholds follow the largest block
+# freed so far; with no block larger than a chunk, the temporaries were mapped, faulted in and
+# unmapped again each time (r1-slice: 5.5 M page faults instead of 0.02 M, 18% more time). Freed
+# heap memory was live before, so the peak of RssAnon stays the same (r1-slice: 36 MB either way).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+MALLOC_MMAP_THRESHOLD = 8 << 20
+MALLOC_TRIM_THRESHOLD = 32 << 20
+
+
+def tune_malloc() -> None:
+    """Set glibc's malloc thresholds for streaming conversion (see above); nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 class _OutFile:
@@ -99,6 +126,21 @@ class _OutFile:
                 _pwrite_all(self.fd, memoryview(self.stage), self.stage_off)
                 self.stage_off += STAGE_BYTES
                 self.fill = 0
+
+    def hash_into(self, hasher: hashlib._Hash, offset: int, nbytes: int) -> None:
+        """Feed `nbytes` written at `offset` to `hasher`, read back 1 MiB at a time (a piece whose
+        chunks were placed out of order; they are in the page cache)."""
+        if self.direct:
+            raise AssertionError(f"{self.path}: pieces of a direct-I/O file are written (and hashed) in order")
+        buf = bytearray(HASH_READ_BYTES)
+        view = memoryview(buf)
+        end = offset + nbytes
+        while offset < end:
+            n = os.preadv(self.fd, [view[: min(len(buf), end - offset)]], offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short read at byte {offset}", str(self.path))
+            hasher.update(view[:n])
+            offset += n
 
     def end_piece(self) -> None:
         """Write what is staged, zero-padded to the page (pieces start on pages; gaps are zero)."""
@@ -213,6 +255,7 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
             raise ConvertError(
                 f"{tmp}: a partial conversion is there; pass --resume to continue it or --force to start over"
             )
+    tune_malloc()
     t0 = time.perf_counter()
     m = plan.manifest
     files: dict[str, _OutFile] = {}
@@ -243,14 +286,20 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
                 bar.update(e.nbytes())
                 continue
             hashers = [hashlib.sha256() for _ in e.pieces]
-            pos = [0] * len(e.pieces)
-            for i, chunk in produce(pt):
+            pos = [0] * len(e.pieces)  # bytes received (in order: the next offset)
+            placed = [False] * len(e.pieces)  # the piece came as placed chunks: hashed once written
+            for i, chunk, at in produce(pt):
                 p = e.pieces[i]
                 n = memoryview(chunk).nbytes
-                if pos[i] + n > p.nbytes:
+                if (at is not None) != placed[i] and pos[i]:
+                    raise AssertionError(f"{e.name}: piece {i} mixes placed and in-order chunks")
+                placed[i] = at is not None
+                off = pos[i] if at is None else at
+                if off + n > p.nbytes:
                     raise AssertionError(f"{e.name}: produced more bytes than planned for piece {i}")
-                hashers[i].update(chunk)
-                sink.put(files[p.file], p.offset + pos[i], chunk)
+                if at is None:
+                    hashers[i].update(chunk)
+                sink.put(files[p.file], p.offset + off, chunk)
                 pos[i] += n
                 bar.update(n)
             for p in e.pieces:
@@ -259,6 +308,8 @@ def write(plan: Plan, out: Path, *, force: bool = False, resume: bool = False, p
             for i, p in enumerate(e.pieces):
                 if pos[i] != p.nbytes:
                     raise AssertionError(f"{e.name}: piece {i} got {pos[i]} bytes, planned {p.nbytes}")
+                if placed[i]:
+                    files[p.file].hash_into(hashers[i], p.offset, p.nbytes)
                 p.sha256 = hashers[i].hexdigest()
             journal.write(json.dumps({"tensor": e.name, "sha256": [p.sha256 for p in e.pieces]}) + "\n")
             journal.flush()

@@ -305,3 +305,22 @@ def test_chunked_packing_gives_the_same_bytes(tiny_dir, tmp_path, monkeypatch):
     convert(tiny_dir / "tiny-Q4_K_M.gguf", tmp_path / "smallcpu", target="cpu", cpu_layout="amx-int8")
     assert tree_digest(tmp_path / "big") == tree_digest(tmp_path / "small")
     assert tree_digest(tmp_path / "bigcpu") == tree_digest(tmp_path / "smallcpu")
+
+
+def test_tall_marlin_matrix_is_placed_in_bounded_chunks(tiny_dir, monkeypatch):
+    """A K chunk of a tall matrix (the output head; R1's is 129280 rows: 16.5 MB of qweight per K
+    chunk) is handed to the writer in N slices placed at their offsets, so no chunk grows with the
+    row count; the placed chunks tile each piece exactly once (test above: the same bytes)."""
+    from ktpack.convert import produce
+
+    monkeypatch.setattr(produce, "CHUNK_VALUES", 4096)
+    plan = make_plan(open_gguf(tiny_dir / "tiny-Q4_K_M.gguf"), ConvertOptions(target="gpu"))
+    pt = next(p for p in plan.tensors if p.entry.name == "output.weight")
+    assert pt.entry.layout == L.MARLIN_INT4 and pt.entry.shape[0] * 256 > 4 * 4096
+    chunks = list(produce.produce(pt))
+    assert all(c.at is not None for c in chunks)
+    assert max(c.data.nbytes for c in chunks) <= 4 * 4096
+    for i, piece in enumerate(pt.entry.pieces):
+        spans = sorted((c.at, c.at + c.data.nbytes) for c in chunks if c.piece == i)
+        assert spans[0][0] == 0 and spans[-1][1] == piece.nbytes
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))

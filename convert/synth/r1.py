@@ -1,6 +1,6 @@
-"""DeepSeek-R1 at its true dimensions: a header-only description of the full 61-layer model (for
-`kt-convert --plan`) and the `r1-slice`, a few real-size layers with random data (for measuring the
-converter at scale).
+"""DeepSeek-R1 at its true dimensions: header-only descriptions of the full 61-layer model (for
+`kt-convert --plan`: a GGUF, and DeepSeek's own FP8 safetensors folder) and the `r1-slice`, a few
+real-size layers with random data (for measuring the converter at scale).
 
 Both are written tensor by tensor and, within a tensor, in row chunks, so writing them needs
 little memory (tens of MB) whatever the tensor sizes. The r1-slice is large on disk all the same
@@ -144,6 +144,72 @@ def write_r1_slice_gguf(path: str | Path, cfg: SynthConfig | None = None, qtype:
                 raise AssertionError(f"{name}: wrote {f.tell() - start} bytes, expected {nbytes_of(shape, t)}")
         f.write(b"\0" * (-f.tell() % align))
     return path
+
+
+# DeepSeek-R1's FP8 checkpoint as published: 163 shards, `model-0000i-of-000163.safetensors`.
+R1_SHARDS = 163
+R1_SHARD_COUNT_DIGITS = 6
+# config.json keys of DeepSeek-R1 that `r1_config_json` does not write (their published values)
+R1_CONFIG_EXTRA: dict[str, Any] = {
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "ep_size": 1,
+    "initializer_range": 0.02,
+    "moe_layer_freq": 1,
+    "num_nextn_predict_layers": 1,
+    "pretraining_tp": 1,
+    "seq_aux": True,
+    "transformers_version": "4.46.3",
+    "use_cache": True,
+}
+
+
+def r1_fp8_tensor_table(cfg: SynthConfig = R1) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor of DeepSeek's FP8 checkpoint of `cfg`: the
+    `num_hidden_layers` layers, and layer `num_hidden_layers` = the multi-token-prediction module (a
+    MoE layer plus `embed_tokens`, `enorm`, `hnorm`, `eh_proj`, `shared_head.{norm,head}`, all BF16).
+    Every `*_proj` Linear of layers 0..60 and of the MTP's decoder layer is e4m3 with an F32
+    `weight_scale_inv` of one value per 128x128 block. For R1: 91,991 tensors, 688,574,839,360 bytes."""
+    n = cfg.num_hidden_layers
+    h, v = cfg.hidden_size, cfg.vocab_size
+    mtp = f"model.layers.{n}."
+    shapes = list(hf_tensor_shapes(cfg, v))
+    with_mtp = hf_tensor_shapes(cfg.replace(num_hidden_layers=n + 1), v)
+    shapes[-2:-2] = [(name, shape) for name, shape in with_mtp if name.startswith(mtp)]  # its decoder layer
+    shapes[-2:-2] = [
+        (mtp + "embed_tokens.weight", (v, h)),
+        (mtp + "enorm.weight", (h,)),
+        (mtp + "hnorm.weight", (h,)),
+        (mtp + "eh_proj.weight", (h, 2 * h)),
+        (mtp + "shared_head.norm.weight", (h,)),
+        (mtp + "shared_head.head.weight", (v, h)),
+    ]
+    out: list[tuple[str, str, tuple[int, ...]]] = []
+    for name, shape in shapes:
+        dt = "BF16" if name == mtp + "eh_proj.weight" else storage_dtype(name, "FP8")
+        out.append((name, dt, shape))
+        if dt == "F8_E4M3":
+            out.append((name + "_scale_inv", "F32", (-(-shape[0] // BLOCK), -(-shape[1] // BLOCK))))
+    return out
+
+
+def write_r1_safetensors_description(out_dir: str | Path, cfg: SynthConfig = R1) -> Path:
+    """DeepSeek-R1's FP8 checkpoint folder without its data: `config.json` (R1's own, with its
+    `quantization_config`), `model.safetensors.index.json` and the 163 shards, each of which holds
+    only its header (every tensor named with its dtype, shape and offsets; the file ends there).
+    About 21 MB in all; `kt-convert --plan` reads it, a conversion refuses it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def no_data() -> list[bytes]:
+        raise AssertionError("a header-only description produces no data")
+
+    entries = [StEntry(name, dt, shape, no_data) for name, dt, shape in r1_fp8_tensor_table(cfg)]
+    write_sharded(out, entries, R1_SHARDS, header_only=True, count_digits=R1_SHARD_COUNT_DIGITS)
+    config = {**r1_config_json(cfg), **R1_CONFIG_EXTRA}
+    (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    return out
 
 
 def _random_bf16(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -38,8 +38,12 @@ class StEntry:
         return math.prod(self.shape) * _ITEM[self.dtype]
 
 
-def write_safetensors(path: Path, entries: list[StEntry], metadata: dict[str, str] | None = None) -> int:
-    """A safetensors file whose tensors are produced one after another (never all in memory)."""
+def write_safetensors(
+    path: Path, entries: list[StEntry], metadata: dict[str, str] | None = None, header_only: bool = False
+) -> int:
+    """A safetensors file whose tensors are produced one after another (never all in memory).
+    `header_only`: write the header alone (a description of the file; `produce` is not called).
+    Returns the size the complete file has."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     off = 0
     for e in entries:
@@ -49,7 +53,7 @@ def write_safetensors(path: Path, entries: list[StEntry], metadata: dict[str, st
     body += b" " * (-len(body) % 8)
     with open(path, "wb") as f:
         f.write(len(body).to_bytes(8, "little") + body)
-        for e in entries:
+        for e in [] if header_only else entries:
             n = 0
             for chunk in e.produce():
                 b = memoryview(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk).cast("B")
@@ -60,8 +64,12 @@ def write_safetensors(path: Path, entries: list[StEntry], metadata: dict[str, st
     return 8 + len(body) + off
 
 
-def write_sharded(out_dir: Path, entries: list[StEntry], shards: int) -> list[Path]:
-    """`model-0000i-of-0000N.safetensors` (about equal bytes each) and `model.safetensors.index.json`."""
+def write_sharded(
+    out_dir: Path, entries: list[StEntry], shards: int, header_only: bool = False, count_digits: int = 5
+) -> list[Path]:
+    """`model-0000i-of-0000N.safetensors` (about equal bytes each) and `model.safetensors.index.json`.
+    `header_only`: shards hold their headers alone (see `write_safetensors`); `count_digits`: digits
+    of N in the file names (DeepSeek's own checkpoints use 6: `model-00001-of-000163.safetensors`)."""
     total = sum(e.nbytes for e in entries)
     groups: list[list[StEntry]] = [[] for _ in range(shards)]
     acc = 0
@@ -71,8 +79,8 @@ def write_sharded(out_dir: Path, entries: list[StEntry], shards: int) -> list[Pa
     groups = [g for g in groups if g]
     paths, weight_map = [], {}
     for i, g in enumerate(groups, 1):
-        p = out_dir / f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        write_safetensors(p, g)
+        p = out_dir / f"model-{i:05d}-of-{len(groups):0{count_digits}d}.safetensors"
+        write_safetensors(p, g, header_only=header_only)
         paths.append(p)
         weight_map.update({e.name: p.name for e in g})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
