@@ -81,11 +81,16 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
     help="CPU engine: native (default; KTPACK_ENGINE), ref (f32 torch oracle), ref-actq (oracle with the "
     "native engine's activation quantization).",
 )
+@click.option(
+    "--no-graph",
+    is_flag=True,
+    help="GPU runs (KTPACK_DEVICE=cuda): run each decode step eagerly instead of replaying one CUDA Graph.",
+)
 def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids: Path | None, system: str | None,
          raw: bool, score: Path | None, logits_out: Path | None, max_new_tokens: int, temperature: float, top_k: int,
          top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], ignore_eos: bool,
          ctx_size: int, prefill_chunk: int, stats_json: Path | None, verify: bool,
-         engine: str | None) -> None:  # fmt: skip
+         engine: str | None, no_graph: bool) -> None:  # fmt: skip
     """Generate from a packed folder (tokens streamed to stdout, one stats line on stderr).
 
     \b
@@ -110,7 +115,9 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
                 raise EngineError(f"{prompt_file}: cannot read the prompt ({e})") from None
         ids_in = _load_ids(prompt_ids, "--prompt-ids") if prompt_ids else None
         score_ids = _load_ids(score, "--score ids") if score else None
-        eng = Engine(packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine)
+        eng = Engine(
+            packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine, graph=not no_graph
+        )
         if score_ids is not None:
             logits = eng.score(score_ids)
             np.save(logits_out, logits.astype(np.float32))

@@ -5,10 +5,15 @@ This is the small Python API the CLI (and later the server) calls:
     eng = Engine("packed/", ctx_size=4096)
     logits = eng.score(ids)                                  # [n, vocab] float32, teacher-forced
     out = eng.generate(ids, SamplingParams(temperature=0), max_new_tokens=64, on_text=print)
+
+Device: the CPU unless `device` (or KTPACK_DEVICE) says "cuda": then the GPU-side weights go to the GPU
+(runtime/gpu.py; Marlin GEMMs), the routed experts stay on the CPU, and each decode step replays one CUDA
+Graph (runtime/graph.py), or runs the same step eagerly with graph=False (kt-run --no-graph).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -84,19 +89,31 @@ class Engine:
         prefill_chunk: int = 256,
         verify: bool = False,
         engine: str | None = None,
+        device: str | None = None,
+        graph: bool = True,
     ):
-        from .model import DeepseekV3Model, KVCache
+        from .model import DeepseekV3Model
         from .weights import load_pack
 
         self.folder = Path(folder)
-        self.pack = load_pack(self.folder, verify=verify, engine=engine)
-        self.config = self.pack.config
-        self.model = DeepseekV3Model(self.pack)
         if ctx_size < 1:
             raise EngineError(f"--ctx-size must be >= 1, got {ctx_size}")
+        self.device = torch.device(device or os.environ.get("KTPACK_DEVICE") or "cpu")
+        self.pack = load_pack(self.folder, verify=verify, engine=engine)
+        self.config = self.pack.config
+        self._step = None  # the GPU decode step (runtime/graph.py)
+        if self.device.type == "cuda":
+            from .gpu import place_on_device
+            from .graph import DecodeStep
+
+            self.model = place_on_device(DeepseekV3Model(self.pack, static_kv=True), self.device)
+            self.cache = self.model.new_cache(ctx_size)
+            self._step = DecodeStep(self.model, self.cache, graph=graph)
+        else:
+            self.model = DeepseekV3Model(self.pack)
+            self.cache = self.model.new_cache(ctx_size)
         self.ctx_size = ctx_size
         self.prefill_chunk = max(1, prefill_chunk)
-        self.cache = KVCache(self.config, ctx_size)
         self._tok: ChatTokenizer | None = None
 
     @property
@@ -121,7 +138,7 @@ class Engine:
         t = torch.tensor(list(ids), dtype=torch.long)
         for s in range(0, len(ids), self.prefill_chunk):
             logits = self.model.forward(t[s : s + self.prefill_chunk], s, self.cache)
-            out.append(logits if all_logits else logits[-1:])
+            out.append((logits if all_logits else logits[-1:]).cpu())
         return torch.cat(out) if all_logits else out[-1][-1]
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
@@ -185,7 +202,7 @@ class Engine:
                     emit(len(decoder.sent) - _stop_prefix_len(decoder.sent, stops))
             if len(gen.output_ids) >= max_new_tokens or pos >= self.ctx_size or (should_stop and should_stop()):
                 break
-            logits = self.model.forward(torch.tensor([tok]), pos, self.cache)[-1]
+            logits = self._decode(tok, pos)
             pos += 1
         st.decode_s = time.perf_counter() - t1
         st.generated_tokens = len(gen.output_ids)
@@ -195,6 +212,12 @@ class Engine:
                 emit(len(decoder.sent))  # no stop string came: what was held back is text
             gen.text = decoder.sent if text_at_stop is None else text_at_stop
         return gen
+
+    def _decode(self, tok: int, pos: int) -> torch.Tensor:
+        """Logits [vocab] (CPU) of one token at `pos`: the GPU decode step, or the model's forward."""
+        if self._step is not None:
+            return self._step(tok, pos)[-1].cpu()
+        return self.model.forward(torch.tensor([tok]), pos, self.cache)[-1]
 
     def _has_tok(self) -> bool:
         return (self.folder / "tokenizer.json").exists()

@@ -18,8 +18,11 @@ position, `c` (kv_lora_rank, after kv_a_layernorm) and `k_pe` (rope dim, after R
 
 Shapes on the hot path depend only on T and the attention window: with `static_kv=True` the
 window is the whole cache (positions past the query are masked), so a decode step has fixed
-shapes and no Python control flow besides the MoE expert dispatch (CUDA-graph friendly later).
+shapes and no Python control flow besides the MoE expert dispatch; `forward_hidden` takes the
+positions as a tensor, which is what runtime/graph.py's decode step (one CUDA Graph) replays.
 By default the window is 0..start_pos+T-1, which is cheaper on the CPU and gives the same values.
+The model runs on `self.device` (CPU unless runtime/gpu.py placed it); token embeddings are
+always looked up on the CPU.
 """
 
 from __future__ import annotations
@@ -59,15 +62,23 @@ class KVCache:
     adjacent-pair order), and the RoPE cos/sin table for the same positions.
     """
 
-    def __init__(self, cfg: ModelConfig, ctx_size: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ctx_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         if ctx_size < 1:
             raise ValueError(f"ctx_size must be >= 1, got {ctx_size}")
         self.ctx_size = ctx_size
         n = cfg.num_hidden_layers
-        self.c_kv = torch.zeros(n, ctx_size, cfg.kv_lora_rank, dtype=dtype)
-        self.k_pe = torch.zeros(n, ctx_size, cfg.qk_rope_head_dim, dtype=dtype)
+        self.c_kv = torch.zeros(n, ctx_size, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(n, ctx_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.rope = RopeTable(cfg, ctx_size)
-        self.positions = torch.arange(ctx_size)
+        self.positions = torch.arange(ctx_size, device=device)
+        if device is not None:
+            self.rope.cos, self.rope.sin = self.rope.cos.to(device), self.rope.sin.to(device)
 
     def reset(self) -> None:
         self.c_kv.zero_()
@@ -169,6 +180,7 @@ class DeepseekV3Model:
         self.pack = pack
         self.config = cfg = pack.config
         self.static_kv = static_kv
+        self.device = torch.device("cpu")  # runtime/gpu.py's place_on_device changes it
         self.flags = Routing()
         self.rope_interleaved = True
         self.blocks = [_Block(pack, i, self) for i in range(cfg.num_hidden_layers)]
@@ -178,7 +190,7 @@ class DeepseekV3Model:
         )
 
     def new_cache(self, ctx_size: int) -> KVCache:
-        return KVCache(self.config, ctx_size)
+        return KVCache(self.config, ctx_size, device=self.device)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
@@ -191,7 +203,13 @@ class DeepseekV3Model:
             raise ValueError(f"positions {start_pos}..{end - 1} do not fit the cache of {cache.ctx_size}")
         pos = cache.positions[start_pos:end]
         kv_len = cache.ctx_size if self.static_kv else end
-        x = self.pack.embedding(ids)
+        x = self.pack.embedding(ids.cpu()).to(self.device)
+        return self.forward_hidden(x, pos, kv_len, cache)
+
+    def forward_hidden(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
+        """Logits [T, vocab] for embedded tokens `x` [T, hidden] at positions `pos` [T] (a tensor on the
+        model's device), attending over cache positions 0..kv_len-1 (later ones masked). No bounds
+        checks and no host synchronisation on a GPU (the decode step captures this)."""
         for b in self.blocks:
             x = b(x, pos, kv_len, cache)
         return linear(self.head, rms_norm(x, self.norm, self.config.rms_norm_eps))

@@ -312,6 +312,7 @@ void launch_all(const Params& p, const MarlinPlan& plan, cudaStream_t stream) {
 
 const char* marlin_gemm_check(const MarlinGemmArgs& a) {
   if (a.m < 0 || a.count < 1) return "M must be >= 0 and the matrix count >= 1";
+  if (a.m > 65535 * 8 || a.count > 65535) return "M or the matrix count is too large for one launch";
   if (a.n <= 0 || a.n % 64 != 0) return "N must be a positive multiple of 64 (marlin_int4_v1)";
   if (a.k <= 0 || a.k % 128 != 0) return "K must be a positive multiple of 128 (marlin_int4_v1)";
   if (!(a.group == 32 || a.group == 64 || a.group == 128 || a.group == a.k)) {
