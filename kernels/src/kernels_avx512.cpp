@@ -130,12 +130,12 @@ inline __m512i idx16x4(int a) {  // lanes 8j..8j+7 <- a + j
                                             0x0002000200020002ll, 0x0003000300030003ll, 0x0003000300030003ll));
 }
 
-inline __m512i mad4(__m512i w, __m512i x, __m512i sc) { return _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), sc); }
 
 // Unpacked weights of one K-quant block: four 64-byte code vectors and their int16 scale vectors,
 // plus (Q4_K/Q5_K) the 8 mins as int16 and the two f16 scales.
 struct KBlock {
   __m512i w[4], sc[4];
+  __m512i off6;  // Q6_K: -32 * scale as int16 lanes 0..15 (zero above): dpwssd with the sums gives the offset
   __m128i mins;
   float d, dmin;
 };
@@ -145,21 +145,22 @@ struct KBlock {
 struct XBlock {
   __m512i x[4];
   __m512i s16;
+  __m512i s16w;  // Q6_K: the 16 sums as int16 (|sum| <= 16 * 127 fits), upper half zero
   __m128i s32;
   float dx;
 };
 
 // 12 packed bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15) (GGUF's K4 scale format).
 inline __m128i k4_unpack_scales(const uint8_t* p) {
-  uint32_t u[4];
-  __builtin_memcpy(u, p, 12);
-  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-  const uint32_t mins_lo = u[1] & m1;
-  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-  u[2] = mins_lo;
-  u[0] &= m1;
-  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  // In registers (a store + vector reload here would stall on store forwarding). Dwords u0, u1, u2 of
+  // the 12 bytes; out = [u0 & m1, (u2 & m2) | ((u0 >> 6) & m3) << 4, u1 & m1, ((u2 >> 4) & m2) | ((u1 >> 6) & m3) << 4].
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // 16 bytes: still inside the block
+  const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+  const __m128i b = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));
+  const __m128i lo = _mm_and_si128(a, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+  const __m128i hi = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(b, 6), 4),
+                                   _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  return _mm_or_si128(lo, hi);
 }
 
 template <int MT, int BB, typename Unpack, typename Xload>
@@ -168,9 +169,9 @@ void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, floa
   const int64_t nb = w.k / 256;
   const uint8_t* base = w.data + g0 * nb * BB;
   __m512 accf[8][MT];
-  float off[8][MT];
+  __m128 off[8][MT];
   for (int i = 0; i < rg; ++i)
-    for (int t = 0; t < MT; ++t) accf[i][t] = _mm512_setzero_ps(), off[i][t] = 0.f;
+    for (int t = 0; t < MT; ++t) accf[i][t] = _mm512_setzero_ps(), off[i][t] = _mm_setzero_ps();
   int64_t ar[MT];
   for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
   for (int64_t b = 0; b < nb; ++b) {
@@ -179,6 +180,7 @@ void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, floa
       xload(a.q + ar[t] * a.k + 256 * b, xb[t].x);
       xb[t].dx = a.d[ar[t] * (a.k / 256) + b];
       xb[t].s16 = _mm512_loadu_si512(a.s16 + ar[t] * (a.k / 16) + 16 * b);
+      if constexpr (BB == 210) xb[t].s16w = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(xb[t].s16));
       if constexpr (BB != 210) {  // pairwise sums -> 8 int16
         const __m512i pair = _mm512_add_epi32(xb[t].s16, _mm512_srli_epi64(xb[t].s16, 32));
         xb[t].s32 = _mm512_cvtepi64_epi16(pair);
@@ -189,21 +191,26 @@ void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, floa
       KBlock kb;
       unpack(blk, &kb);
       for (int t = 0; t < MT; ++t) {
-        __m512i acc = _mm512_add_epi32(mad4(kb.w[0], xb[t].x[0], kb.sc[0]), mad4(kb.w[1], xb[t].x[1], kb.sc[1]));
-        acc = _mm512_add_epi32(acc, _mm512_add_epi32(mad4(kb.w[2], xb[t].x[2], kb.sc[2]), mad4(kb.w[3], xb[t].x[3], kb.sc[3])));
-        if constexpr (BB == 210) {  // codes are offset by 32: subtract 32 * sum(scale_s * xsum_s)
-          acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_mullo_epi32(_mm512_cvtepi8_epi32(kb.mins), xb[t].s16), 5));
+        // maddubs: u8 codes x s8 activations -> s16 pairs; dpwssd: x int16 scales, summed into int32
+        __m512i acc = _mm512_madd_epi16(_mm512_maddubs_epi16(kb.w[0], xb[t].x[0]), kb.sc[0]);
+        for (int q = 1; q < 4; ++q)
+          acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(kb.w[q], xb[t].x[q]), kb.sc[q]);
+        if constexpr (BB == 210) {  // codes are offset by 32: add sum(-32 * scale_s * xsum_s)
+          acc = _mm512_dpwssd_epi32(acc, kb.off6, xb[t].s16w);
         } else {
-          const __m128i mm = _mm_madd_epi16(kb.mins, xb[t].s32);
-          const __m128i h = _mm_add_epi32(mm, _mm_shuffle_epi32(mm, 0x4E));
-          off[i][t] += kb.dmin * xb[t].dx * float(_mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1))));
+          const __m128 mm = _mm_cvtepi32_ps(_mm_madd_epi16(kb.mins, xb[t].s32));
+          off[i][t] = _mm_fmadd_ps(mm, _mm_set1_ps(kb.dmin * xb[t].dx), off[i][t]);
         }
         accf[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(kb.d * xb[t].dx), accf[i][t]);
       }
     }
   }
   for (int t = 0; t < MT; ++t)
-    for (int i = 0; i < rg; ++i) y[(r0 + t) * ldy + g0 + i] = _mm512_reduce_add_ps(accf[i][t]) - off[i][t];
+    for (int i = 0; i < rg; ++i) {
+      __m128 o = _mm_add_ps(off[i][t], _mm_movehl_ps(off[i][t], off[i][t]));
+      o = _mm_add_ss(o, _mm_movehdup_ps(o));
+      y[(r0 + t) * ldy + g0 + i] = _mm512_reduce_add_ps(accf[i][t]) - _mm_cvtss_f32(o);
+    }
 }
 
 // Q4_K / Q5_K: code vectors hold sub-blocks (0|2), (1|3), (4|6), (5|7) (low/high nibbles of the
@@ -257,19 +264,25 @@ void unpack_q5k(const uint8_t* blk, KBlock* kb) {
   kb->w[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q1, 4), m4), hbits(h, 5, 7, 1));
 }
 
-// Q6_K: codes in natural order (64 values per vector), signed scales per 16 values (kept as int8 in
-// `mins` for the offset term), codes offset by 32.
+// Q6_K: codes in natural order (64 values per vector), signed scales per 16 values, codes offset by
+// 32. The two high bits of a code sit in qh at bit pairs (0,1), (2,3), (4,5), (6,7) for the values l,
+// l+32, l+64, l+96 of a 128-half: moved to bits 4-5 with one 16-bit shift per half (bits that cross
+// into the neighbouring byte land outside 0x30 and are masked off).
 void unpack_q6k(const uint8_t* blk, KBlock* kb) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+  const __m512i shl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i shr = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
   for (int h = 0; h < 2; ++h) {
     const __m512i l = _mm512_loadu_si512(blk + 64 * h);
     const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h)));
-    kb->w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), hbits(q, 0, 2, 3));
-    kb->w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hbits(q, 4, 6, 3));
+    kb->w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi16(q, shl), m30));
+    kb->w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                       _mm512_and_si512(_mm512_srlv_epi16(q, shr), m30));
   }
-  kb->mins = _mm_loadu_si128((const __m128i*)(blk + 192));
-  const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(kb->mins));
+  const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(blk + 192)));
+  const __m512i sc = _mm512_castsi256_si512(sc16);
   for (int j = 0; j < 4; ++j) kb->sc[j] = _mm512_permutexvar_epi16(idx16x4(4 * j), sc);
+  kb->off6 = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, _mm256_set1_epi16(-32)));
   kb->d = f16_to_f32(rd16(blk + 208));
   kb->dmin = 0.f;
 }
