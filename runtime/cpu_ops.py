@@ -258,6 +258,27 @@ class NativeLinear(CpuLinear):
         return out
 
 
+class NativeMLP:
+    """`down(silu(gate x) * up x)` for three native linears in one engine call (a dense FFN or a
+    shared expert): the experts operation with a single expert that every token uses at weight 1."""
+
+    def __init__(self, gate: NativeLinear, up: NativeLinear, down: NativeLinear) -> None:
+        from .. import kernels
+
+        self.gate, self.up, self.down = gate, up, down
+        self.hidden = int(gate.shape[-1])
+        inter = int(gate.shape[-2])
+        specs = [_native_spec(x.entry, x.data, x.shape) for x in (gate, up, down)]
+        self._op = kernels.Experts([(*specs, 0, inter, 0)], 1, self.hidden, inter)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float32).contiguous()
+        t = x.shape[0]
+        out = torch.empty_like(x)
+        self._op.forward(x.numpy(), np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32), out.numpy())
+        return out
+
+
 class NativeExperts:
     """`CpuExperts` computed by the native engine: all NUMA slices in one call, partials summed."""
 

@@ -144,6 +144,18 @@ class _MLP:
         return linear(self.down, F.silu(linear(self.gate, x)) * linear(self.up, x))
 
 
+def _mlp(gate: Weight, up: Weight, down: Weight) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One native call when the engine runs all three weights (and takes them together), else `_MLP`."""
+    from .cpu_ops import NativeLinear, NativeMLP
+
+    if all(isinstance(w, NativeLinear) and len(w.shape) == 2 for w in (gate, up, down)):
+        try:
+            return NativeMLP(gate, up, down)
+        except ValueError:
+            pass
+    return _MLP(gate, up, down)
+
+
 class _Block:
     def __init__(self, pack: Pack, layer: int, model: DeepseekV3Model) -> None:
         cfg = pack.config
@@ -159,10 +171,10 @@ class _Block:
             router = Router(cfg, pack.dense(p + "ffn_gate_inp.weight"), bias, model.flags)
             shared = None
             if cfg.n_shared_experts and pack.has(p + "ffn_gate_shexp.weight"):
-                shared = _MLP(*(pack.linear(p + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down")))
+                shared = _mlp(*(pack.linear(p + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down")))
             self.ffn = MoE(router, pack.experts(layer), shared, model.flags)
         else:
-            self.ffn = _MLP(*(pack.linear(p + f"ffn_{n}.weight") for n in ("gate", "up", "down")))
+            self.ffn = _mlp(*(pack.linear(p + f"ffn_{n}.weight") for n in ("gate", "up", "down")))
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
         h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), pos, kv_len, cache)
