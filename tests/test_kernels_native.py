@@ -216,7 +216,9 @@ def test_experts_numa_slices(isa, fmt, tokens, use_isa):
     """1, 2, 4 and 8 NUMA slices (cut along the intermediate dimension at the layout's unit).
 
     Each result equals the f64 reference on its own weights and the engine's quantized activations
-    within 2e-4 of max|y| (f32 sums, and silu's exp differs from torch's by <= 2 ulp). Where slicing
+    within 2e-3 of max|y|: f32 sums, and h = silu(g)·u, computed here in f64 and there in f32 (exp
+    within 2 ulp), is quantized again for down, so a code of h may round the other way (one flip moves
+    one term by d_h·|w| ≈ 1e-4..1e-3 of max|y|); a wrong kernel is off by ~100%. Where slicing
     leaves the weights unchanged (ggml blocks, int4 groups never straddle a cut) the n-slice result
     equals the 1-slice one within 1e-5 of max|y|: only where the partial down-projections are summed
     changes. amx_int8 has one scale per row of down over the slice's K, so its slices are different
@@ -244,7 +246,7 @@ def test_experts_numa_slices(isa, fmt, tokens, use_isa):
         in_block = _native.act_block(slices[0][0][0], 64)
         h_block = _native.act_block(slices[0][2][0], 64)
         want = _experts_ref(x, idx, wts, gate, up, down, in_block, h_block)
-        assert np.abs(out - want).max() <= 2e-4 * np.abs(want).max(), n_slices
+        assert np.abs(out - want).max() <= 2e-3 * np.abs(want).max(), n_slices
         results[n_slices] = out
     if fmt != "amx_int8":
         scale = np.abs(results[1]).max()
