@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from ktpack.convert.synth import PRESETS, make_hf_checkpoint, write_gguf, write_random_gguf
+from ktpack.convert.synth import PRESETS, make_hf_checkpoint, write_float_gguf, write_gguf, write_random_gguf
 from ktpack.convert.synth.kquants import quantize
 from ktpack.convert.synth.make import GGUF_QTYPES, LEGACY_QTYPES
 from ktpack.convert.synth.writer import hf_source_names, use_more_bits
@@ -318,6 +318,30 @@ def test_random_blocks_file(tmp_path: Path) -> None:
     r = gguf.GGUFReader(p)
     assert len(r.tensors) == N_CURRENT
     assert _fields(r)["deepseek2.vocab_size"] == len(_fields(r)["tokenizer.ggml.tokens"])
+    for t in r.tensors:
+        x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        assert np.all(np.isfinite(x)), t.name
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_float_gguf_is_the_hf_models_gguf(tiny_models: dict[str, Path], tmp_path: Path, qtype: str) -> None:
+    """write_float_gguf (no HF folder, tensor by tensor) writes the very bytes of HF checkpoint + write_gguf."""
+    (p,) = write_float_gguf("tiny", tmp_path / f"tiny-{qtype}.gguf", qtype)
+    a, b = gguf.GGUFReader(p), gguf.GGUFReader(tiny_models[qtype])
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert T(ta.tensor_type) == T(tb.tensor_type), ta.name
+        np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data), err_msg=ta.name)
+
+
+def test_random_blocks_file_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors over RANDOM_CHUNK_BYTES are streamed in row chunks (r1dims' 528 MB experts): still valid."""
+    from ktpack.convert.synth import writer
+
+    monkeypatch.setattr(writer, "RANDOM_CHUNK_BYTES", 20_000)
+    (p,) = write_random_gguf("tiny", tmp_path / "tiny-Q4_K_M.gguf", "Q4_K_M")
+    r = gguf.GGUFReader(p)
+    assert len(r.tensors) == N_CURRENT
     for t in r.tensors:
         x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         assert np.all(np.isfinite(x)), t.name

@@ -4,7 +4,7 @@ from .config import PRESETS, SynthConfig, get_config
 from .hf import make_hf_checkpoint
 from .kquants import quantize, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from .make import make_all
-from .writer import tensor_type, write_gguf, write_random_gguf
+from .writer import tensor_type, write_float_gguf, write_gguf, write_random_gguf
 
 __all__ = [
     "PRESETS",
@@ -17,6 +17,7 @@ __all__ = [
     "quantize_q5_k",
     "quantize_q6_k",
     "tensor_type",
+    "write_float_gguf",
     "write_gguf",
     "write_random_gguf",
 ]

@@ -112,6 +112,31 @@ PRESETS: dict[str, SynthConfig] = {
         linear_std=0.02,
         router_std=0.02,
     ),
+    # DeepSeek-R1's per-layer dimensions (attention, dense and expert FFN shapes as in the real model)
+    # with 4 layers (1 dense + 3 MoE), 64 routed experts and a 32k vocabulary: the per-token work of
+    # one R1 layer at a size a workstation holds (Q4_K_M about 6 GB; see write_random_gguf).
+    "r1dims": SynthConfig(
+        name="r1dims",
+        hidden_size=7168,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        n_shared_experts=1,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        vocab_size=32000,
+        linear_std=0.02,
+        router_std=0.02,
+    ),
 }
 
 

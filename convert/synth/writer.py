@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import gguf
 import numpy as np
 from gguf.constants import Keys
+from gguf.gguf_writer import WriterState
 
 from ..names import GGUF_TO_HF, GLOBAL_GGUF_TO_HF
 from . import kquants
@@ -323,13 +324,45 @@ def _produce(pt: PlannedTensor) -> np.ndarray:
     return out.reshape(-1)
 
 
+def _produce_chunks(pt: PlannedTensor) -> Iterator[np.ndarray]:
+    """Like _produce, one expert at a time (memory: one expert, not the stacked tensor)."""
+    if not pt.stacked:
+        yield _encode(pt.source(), pt.qtype).reshape(-1)
+        return
+    for e in range(pt.shape[0]):
+        yield _encode(pt.source(e), pt.qtype).reshape(-1)
+
+
+def _write_tensor_chunks(w: gguf.GGUFWriter, pt: PlannedTensor, chunks: Iterable[np.ndarray]) -> None:
+    """GGUFWriter.write_tensor_data for data given as consecutive chunks (single-file writers only)."""
+    if len(w.fout or []) != 1:
+        raise ValueError("streamed tensors need a single-file GGUF")
+    fout = w.fout[0]
+    first = next(iter(w.tensors[0]))
+    if first != pt.name:
+        raise AssertionError(f"writing {pt.name} but the next planned tensor is {first}")
+    ti = w.tensors[0].pop(first)
+    w.write_padding(fout, fout.tell())
+    n = 0
+    for c in chunks:
+        c = np.ascontiguousarray(c)
+        c.tofile(fout)
+        n += c.nbytes
+    if n != ti.nbytes:
+        raise AssertionError(f"{pt.name}: {n} bytes, expected {ti.nbytes}")
+    w.write_padding(fout, n)
+    w.state = WriterState.WEIGHTS
+
+
 def _write(
     plan: list[PlannedTensor],
     out_path: Path,
     meta: Callable[[gguf.GGUFWriter], None],
     split: int | None = None,
-    produce: Callable[[PlannedTensor], np.ndarray] | None = None,
+    produce: Callable[[PlannedTensor], np.ndarray | Iterable[np.ndarray]] | None = None,
 ) -> list[Path]:
+    """Write `plan`; `produce` gives each tensor's raw data, whole (an array) or as chunks (an
+    iterable of arrays, single-file only: then memory holds one chunk, not the tensor)."""
     produce = produce or _produce
     out_path.parent.mkdir(parents=True, exist_ok=True)
     max_tensors = 0
@@ -348,6 +381,9 @@ def _write(
         w.write_ti_data_to_file()
         for pt in plan:
             data = produce(pt)
+            if not isinstance(data, np.ndarray):
+                _write_tensor_chunks(w, pt, data)
+                continue
             if data.nbytes != nbytes_of(pt.shape, pt.qtype):
                 raise AssertionError(f"{pt.name}: {data.nbytes} bytes, expected {nbytes_of(pt.shape, pt.qtype)}")
             w.write_tensor_data(data)
@@ -475,18 +511,15 @@ def random_blocks(rng: np.random.Generator, shape: tuple[int, ...], t: T) -> np.
     return raw.reshape(-1)
 
 
-def write_random_gguf(
-    preset: str | SynthConfig, out_path: str | Path, qtype: str, seed: int = 0, legacy: bool = False
-) -> list[Path]:
-    """A GGUF of ``preset``'s dimensions with random but valid blocks, written tensor by tensor.
+RANDOM_CHUNK_BYTES = 32 << 20
 
-    Only the tokenizer is real (trained BPE, padded with placeholder tokens to the vocab size).
-    """
+
+def synth_tokenizer_meta(cfg: SynthConfig, seed: int = 0) -> TokenizerMeta:
+    """The synthetic models' tokenizer (trained BPE, padded with placeholder tokens to the vocab size)."""
     import tempfile
 
     from .corpus import BOS, CHAT_TEMPLATE, EOS, PAD, train_tokenizer
 
-    cfg = get_config(preset)
     tok = train_tokenizer(cfg.vocab_size, seed=seed)
     with tempfile.TemporaryDirectory() as td:
         (Path(td) / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
@@ -494,7 +527,20 @@ def write_random_gguf(
             json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "chat_template": CHAT_TEMPLATE}),
             encoding="utf-8",
         )
-        tm = tokenizer_meta_from_hf(Path(td), cfg.vocab_size)
+        return tokenizer_meta_from_hf(Path(td), cfg.vocab_size)
+
+
+def write_random_gguf(
+    preset: str | SynthConfig, out_path: str | Path, qtype: str, seed: int = 0, legacy: bool = False
+) -> list[Path]:
+    """A GGUF of ``preset``'s dimensions with random but valid blocks, written tensor by tensor.
+
+    Only the tokenizer is real (trained BPE, padded with placeholder tokens to the vocab size).
+    Tensors over RANDOM_CHUNK_BYTES are made and written in row chunks, so memory stays at tens of
+    MB whatever the preset (r1dims: 528 MB expert tensors).
+    """
+    cfg = get_config(preset)
+    tm = synth_tokenizer_meta(cfg, seed)
     vocab_size = max(cfg.vocab_size, len(tm.tokens))
     rng = np.random.default_rng(seed)
     plan = []
@@ -506,9 +552,54 @@ def write_random_gguf(
             src = lambda s=shape, tt=t: random_blocks(rng, s, tt)  # noqa: E731
         plan.append(PlannedTensor(name, shape, t, src))
 
-    def produce_raw(pt: PlannedTensor) -> np.ndarray:
-        return pt.source()
+    def produce_raw(pt: PlannedTensor) -> np.ndarray | Iterator[np.ndarray]:
+        if nbytes_of(pt.shape, pt.qtype) <= RANDOM_CHUNK_BYTES:
+            return pt.source()
+        # large tensors (R1-sized experts) in row chunks: memory holds one chunk, not the tensor
+        rows, cols = math.prod(pt.shape[:-1]), pt.shape[-1]
+        step = max(1, RANDOM_CHUNK_BYTES // nbytes_of((cols,), pt.qtype))
+        return (random_blocks(rng, (min(rows, lo + step) - lo, cols), pt.qtype) for lo in range(0, rows, step))
 
     out_path = Path(out_path)
     meta = lambda w: _add_metadata(w, cfg, tm, vocab_size, legacy, qtype)  # noqa: E731
     return _write(plan, out_path, meta, split=None, produce=produce_raw)
+
+
+def write_float_gguf(
+    preset: str | SynthConfig, out_path: str | Path, qtype: str, seed: int = 0, legacy: bool = False
+) -> list[Path]:
+    """A GGUF of ``preset`` with real (random-init) float weights quantized to ``qtype``, without an
+    HF folder: each tensor is made by hf.make_tensor (the generator make_hf_checkpoint uses, the same
+    values per HF name and shape) and quantized as write_gguf does, one tensor (experts: one expert)
+    at a time, so memory stays at one tensor whatever the preset.
+
+    Unlike write_random_gguf every qtype of one (preset, seed) is the same model, so engines can be
+    compared on their greedy tokens. The tokenizer is the one write_random_gguf writes; the vocabulary
+    is padded to ``cfg.vocab_size`` (the HF checkpoint keeps the tokenizer's size, so its
+    embed_tokens/lm_head differ from these when the BPE did not reach ``cfg.vocab_size``).
+    """
+    from .hf import make_tensor
+
+    cfg = get_config(preset)
+    tm = synth_tokenizer_meta(cfg, seed)
+    vocab_size = max(cfg.vocab_size, len(tm.tokens))
+    kv_b_shape = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+
+    def hf(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return make_tensor(cfg, name, shape, seed)
+
+    plan: list[PlannedTensor] = []
+    for name, shape in gguf_tensor_shapes(cfg, vocab_size, legacy):
+        t = tensor_type(name, shape, qtype, cfg.num_hidden_layers)
+        srcs = hf_source_names(name, cfg)
+        if name.endswith("_exps.weight"):
+            plan.append(PlannedTensor(name, shape, t, lambda e, s=srcs, sh=shape[1:]: hf(s[e], sh), stacked=True))
+        elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            which = 0 if name.endswith("attn_k_b.weight") else 1
+            src = lambda s=srcs[0], i=which: split_kv_b(hf(s, kv_b_shape), *_kvb_dims(cfg))[i]  # noqa: E731
+            plan.append(PlannedTensor(name, shape, t, src))
+        else:
+            plan.append(PlannedTensor(name, shape, t, lambda s=srcs[0], sh=shape: hf(s, sh)))
+    out_path = Path(out_path)
+    meta = lambda w: _add_metadata(w, cfg, tm, vocab_size, legacy, qtype)  # noqa: E731
+    return _write(plan, out_path, meta, split=None, produce=_produce_chunks)
