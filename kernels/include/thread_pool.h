@@ -7,6 +7,8 @@
 //   the back-to-back jobs of one layer without burning a core while Python or torch runs.
 // - Tasks are taken dynamically (an atomic counter per NUMA node): a thread drains its own node's
 //   tasks first, then helps the others. On a one-node machine that is one shared counter.
+// - The caller waits for the job's tasks to finish, not for the workers to check in: a worker still
+//   asleep when the tasks ran out never delays the caller.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -36,20 +38,25 @@ class ThreadPool {
 
  private:
   void worker(int id);
-  void drain(int id);
+  void drain(int id, uint32_t gen);
 
   int n_threads_, n_nodes_;
   int spin_us_;
   std::vector<std::thread> workers_;
   const Task* fn_ = nullptr;
+  int64_t n_ = 0;
+  // A node's task range of the current job, packed in one word so that taking a task is a single
+  // compare-and-swap that also checks the job: generation (20 bits) | end (22) | next (22). A worker
+  // that wakes late finds the range exhausted or of another job and takes nothing, so the caller
+  // waits for the tasks, never for threads that were asleep (no scheduler-tick stalls).
   struct alignas(64) Counter {
-    std::atomic<int64_t> next{0};
-    int64_t begin = 0, end = 0;
+    std::atomic<uint64_t> state{0};
   };
   std::vector<Counter> ranges_;
-  alignas(64) std::atomic<uint32_t> gen_{0};
-  alignas(64) std::atomic<int> pending_{0};
-  alignas(64) std::atomic<uint32_t> done_{0};
+  uint32_t job_ = 0;
+  alignas(64) std::atomic<uint32_t> gen_{0};   // futex word: the latest job's generation
+  alignas(64) std::atomic<int64_t> done_{0};   // tasks finished in the current job
+  alignas(64) std::atomic<uint32_t> fin_{0};   // futex word: the generation whose tasks all finished
   std::atomic<bool> stop_{false};
 };
 

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 namespace ktpack {
@@ -100,14 +101,30 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::drain(int id) {
+namespace {
+constexpr uint64_t kIdxMask = (1ull << 22) - 1;
+inline uint64_t pack_state(uint32_t gen, int64_t end, int64_t next) {
+  return (uint64_t(gen & 0xFFFFF) << 44) | (uint64_t(end) << 22) | uint64_t(next);
+}
+}  // namespace
+
+void ThreadPool::drain(int id, uint32_t gen) {
   const int home = id % n_nodes_;
+  const uint64_t want = gen & 0xFFFFF;
   for (int j = 0; j < n_nodes_; ++j) {
     Counter& c = ranges_[(home + j) % n_nodes_];
+    uint64_t v = c.state.load(std::memory_order_acquire);
     for (;;) {
-      const int64_t t = c.next.fetch_add(1, std::memory_order_relaxed);
-      if (t >= c.end) break;
-      (*fn_)(t, id);
+      if ((v >> 44) != want) break;
+      const uint64_t next = v & kIdxMask, end = (v >> 22) & kIdxMask;
+      if (next >= end) break;
+      if (!c.state.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      (*fn_)(int64_t(next), id);
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+        fin_.store(gen, std::memory_order_release);
+        futex_wake_all(&fin_);
+      }
+      v = c.state.load(std::memory_order_acquire);
     }
   }
 }
@@ -119,8 +136,7 @@ void ThreadPool::worker(int id) {
     const auto t0 = std::chrono::steady_clock::now();
     uint32_t g;
     while ((g = gen_.load(std::memory_order_acquire)) == seen) {
-      if (spin_us_ <= 0 ||
-          std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+      if (spin_us_ <= 0 || std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
         futex_wait(&gen_, seen);
       } else {
         for (int i = 0; i < 64; ++i) cpu_relax();
@@ -128,11 +144,7 @@ void ThreadPool::worker(int id) {
     }
     seen = g;
     if (stop_.load()) return;
-    drain(id);
-    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      done_.fetch_add(1, std::memory_order_release);
-      futex_wake_all(&done_);
-    }
+    drain(id, g);
   }
 }
 
@@ -142,25 +154,28 @@ void ThreadPool::run(int64_t n, const Task& fn, const int64_t* node_end) {
     for (int64_t t = 0; t < n; ++t) fn(t, 0);
     return;
   }
+  if (n > int64_t(kIdxMask)) throw std::length_error("thread pool: too many tasks in one job");
+  const uint32_t gen = ++job_ == 0 ? ++job_ : job_;  // never 0 (a worker's initial "seen")
   fn_ = &fn;
+  n_ = n;
+  done_.store(0, std::memory_order_relaxed);
   int64_t begin = 0;
   for (int j = 0; j < n_nodes_; ++j) {
-    const int64_t end = node_end ? node_end[j] : (j == n_nodes_ - 1 ? n : 0);
-    ranges_[j].begin = begin;
-    ranges_[j].end = end < begin ? begin : end;
-    ranges_[j].next.store(begin, std::memory_order_relaxed);
-    begin = ranges_[j].end;
+    int64_t end = node_end ? node_end[j] : (j == n_nodes_ - 1 ? n : 0);
+    if (j == n_nodes_ - 1) end = n;
+    end = end < begin ? begin : (end > n ? n : end);
+    ranges_[j].state.store(pack_state(gen, end, begin), std::memory_order_release);
+    begin = end;
   }
-  if (node_end && begin < n) ranges_[n_nodes_ - 1].end = n;
-  const uint32_t done0 = done_.load(std::memory_order_acquire);
-  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-  gen_.fetch_add(1, std::memory_order_acq_rel);
+  gen_.store(gen, std::memory_order_release);
   futex_wake_all(&gen_);
-  drain(0);
+  drain(0, gen);
   const auto t0 = std::chrono::steady_clock::now();
-  while (done_.load(std::memory_order_acquire) == done0) {
+  while (fin_.load(std::memory_order_acquire) != gen) {
+    const uint32_t f = fin_.load(std::memory_order_acquire);
+    if (f == gen) break;
     if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_ > 0 ? spin_us_ : 0))
-      futex_wait(&done_, done0);
+      futex_wait(&fin_, f);
     else
       for (int i = 0; i < 64; ++i) cpu_relax();
   }
