@@ -2,7 +2,8 @@
 
 - `marlin_gemm(x, qweight, scales, group_size)`: y = x · Wᵀ over the marlin_int4_v1 tensors as packed
   (fp16/bf16 activations, fp32 accumulation; see marlin_gemm.h).
-- `doorbell_ring(flags, layer)`: the GPU side of the CPU-expert hand-off (doorbell.h; runtime/doorbell.py).
+- `doorbell_start(flags, layer)` / `doorbell_wait(flags)`: the GPU side of the CPU-expert hand-off, two host
+  nodes with the shared expert's kernels between them (doorbell.h; runtime/doorbell.py).
 
 `load()` builds binding.cpp + marlin_gemm.cu + doorbell.cu with `torch.utils.cpp_extension.load` (ninja and
 nvcc; about a minute the first time, then cached under the torch extensions folder, or KTPACK_CUDA_BUILD) and
@@ -110,9 +111,18 @@ def marlin_gemm(x, qweight, scales, group_size: int = 128, kernel: str = "auto")
     return torch.ops.ktpack_cuda.marlin_gemm(x, qweight, scales, int(group_size), KERNELS[kernel])
 
 
-def doorbell_ring(flags, layer: int) -> None:
-    """Enqueue the experts doorbell of `layer` on the current CUDA stream (flags: pinned int64[4])."""
+def doorbell_start(flags, layer: int) -> None:
+    """Enqueue the start node of `layer`'s expert hand-off on the current CUDA stream (flags: pinned
+    int64[8], runtime/doorbell.py): it publishes the request and returns."""
     import torch
 
     load()
-    torch.ops.ktpack_cuda.doorbell_ring(flags, int(layer))
+    torch.ops.ktpack_cuda.doorbell_start(flags, int(layer))
+
+
+def doorbell_wait(flags) -> None:
+    """Enqueue the wait node on the current CUDA stream: the work after it runs once the CPU experts are done."""
+    import torch
+
+    load()
+    torch.ops.ktpack_cuda.doorbell_wait(flags)

@@ -2,16 +2,22 @@
 
 On the CPU the decode step runs eagerly the exact code a GPU captures into one CUDA Graph: fixed-address
 input, position and logits buffers, the static KV cache, and every MoE layer's routed experts reached through
-the doorbell's staging buffers and worker thread. So it must give the eager `model.forward` (static cache)
-bit for bit. Against the default windowed forward (attention over positions 0..pos only) the values agree
-to float32 reduction order: the softmax and the attention sums run over a longer, zero-weighted tail.
+the doorbell's staging buffers and worker thread, with the shared expert computed between the start and the
+wait (it overlaps the CPU experts). So it must give the eager `model.forward` (static cache) bit for bit.
+Against the default windowed forward (attention over positions 0..pos only) the values agree to float32
+reduction order: the softmax and the attention sums run over a longer, zero-weighted tail. The compiled host
+nodes (kernels/cuda/doorbell.cu, built as a host library with nvcc) run against the Python worker (ctypes).
 runtime/gpu.py's placement runs here too, on the CPU with a reference stand-in for the Marlin GEMM.
 On a GPU: the graph replay against the same step run eagerly, and kt-run's --no-graph against the graph.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,8 +27,21 @@ import pytest
 import torch
 from oracle import session_packs
 
-from ktpack.runtime.doorbell import ABORT, DONE, LAYER, REQUEST, Doorbell, DoorbellError, ExpertWorker, StagedExperts
-from ktpack.runtime.graph import DecodeStep
+from ktpack.runtime.doorbell import (
+    ABORT,
+    DONE,
+    LAYER,
+    N_FLAGS,
+    REQUEST,
+    STALL_NS,
+    START_NS,
+    WAITS,
+    Doorbell,
+    DoorbellError,
+    ExpertWorker,
+    StagedExperts,
+)
+from ktpack.runtime.graph import DecodeStep, OverlappedMoE
 from ktpack.runtime.model import DeepseekV3Model
 from ktpack.runtime.weights import load_pack
 
@@ -80,7 +99,7 @@ def test_doorbell_worker_runs_the_layers_experts_into_the_fixed_output():
 
 
 def test_doorbell_answers_a_host_node_that_only_writes_the_flags():
-    """The GPU's host node (kernels/cuda/doorbell.cu) writes the flags and spins, without the condition variable:
+    """The GPU's host nodes (kernels/cuda/doorbell.cu) write the flags and spin, without the condition variable:
     the worker must find the request by polling the shared flags alone."""
     fn = _experts(9)
     db = Doorbell(hidden=32, topk=2, tokens=3)
@@ -92,7 +111,7 @@ def test_doorbell_answers_a_host_node_that_only_writes_the_flags():
             db.x.copy_(x), db.ids.copy_(ids), db.w.copy_(w)
             f[LAYER] = 7
             seq = int(f[REQUEST]) + 1
-            f[REQUEST] = seq  # what ring_and_wait does, then it spins on DONE
+            f[REQUEST] = seq  # what the start node does; the wait node spins on DONE
             deadline = time.monotonic() + 10
             while f[DONE] < seq:
                 assert time.monotonic() < deadline, "the worker never answered a flags-only request"
@@ -155,6 +174,112 @@ def test_doorbell_many_rings_from_another_thread():
     assert int(db.flags[REQUEST]) == int(db.flags[DONE]) == 200
 
 
+def test_doorbell_ring_start_returns_before_the_experts_finish():
+    """ring_start publishes and returns; work done before ring_wait overlaps the worker's call."""
+    release = threading.Event()
+    fn = _experts(3)
+
+    def slow(x, ids, w):
+        assert release.wait(30), "the producer never got past ring_start"
+        return fn(x, ids, w)
+
+    db = Doorbell(hidden=32, topk=2, tokens=3)
+    worker = ExpertWorker(db, {2: slow})
+    try:
+        x, ids, w = _inputs(5)
+        staged = StagedExperts(db, 2)
+        staged.start(x, ids, w)
+        assert int(db.flags[REQUEST]) == 1 and int(db.flags[DONE]) == 0  # started, not done
+        release.set()  # "the shared expert" runs here, while the worker waits for it
+        assert torch.equal(staged.finish(torch.device("cpu")), fn(x, ids, w))
+        assert db.stall()[1] == 1 and worker.stats.requests == 1
+    finally:
+        worker.close()
+
+
+def test_doorbell_flag_slots_match_the_cuda_header():
+    """runtime/doorbell.py and kernels/cuda/doorbell.h name the same int64 slots."""
+    import re
+
+    from ktpack.runtime import doorbell
+
+    header = (Path(__file__).resolve().parent.parent / "kernels" / "cuda" / "doorbell.h").read_text()
+    assert int(re.search(r"kDoorbellFlags = (\d+);", header).group(1)) == doorbell.N_FLAGS
+    slots = {m.group(1): int(m.group(2)) for m in re.finditer(r"\bk([A-Z][A-Za-z]+) = (\d+),", header)}
+    py = {"Request": REQUEST, "Done": DONE, "Abort": ABORT, "Layer": LAYER, "StartNs": START_NS,
+          "StallNs": STALL_NS, "Waits": WAITS}  # fmt: skip
+    assert slots == py
+
+
+def _build_host_doorbell(tmp_path: Path) -> ctypes.CDLL:
+    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and f"{os.environ['CUDA_HOME']}/bin/nvcc")
+    if not nvcc or not Path(nvcc).exists():
+        pytest.skip("nvcc not found (no CUDA toolkit on this machine)")
+    src = Path(__file__).resolve().parent.parent / "kernels" / "cuda" / "doorbell.cu"
+    lib = tmp_path / "libktdoorbell.so"
+    cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-std=c++20", "-O2", "-o", str(lib), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+    so = ctypes.CDLL(str(lib))
+    so.ktpack_doorbell_start_now.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    so.ktpack_doorbell_wait_now.argtypes = [ctypes.c_void_p]
+    return so
+
+
+def test_compiled_host_nodes_against_the_python_worker(tmp_path):
+    """doorbell.cu's start and wait host functions (the code a GPU stream runs), called on this thread through
+    ctypes (which lets go of the GIL while they spin) against the Python ExpertWorker: results in `out`, the
+    sequence numbers, the stall counters, and START_NS on the clock the worker reads (time.monotonic_ns)."""
+    so = _build_host_doorbell(tmp_path)
+    fns = {3: _experts(3), 8: _experts(8)}
+    db = Doorbell(hidden=32, topk=2, tokens=3)
+    assert db.flags.numel() == N_FLAGS == 8
+    ptr = ctypes.c_void_p(db.flags.data_ptr())
+    worker = ExpertWorker(db, fns, poll_s=1e-4)
+    t_begin = time.monotonic_ns()
+    try:
+        for i in range(20):
+            layer = (3, 8)[i % 2]
+            x, ids, w = _inputs(300 + i)
+            db.x.copy_(x), db.ids.copy_(ids), db.w.copy_(w)
+            so.ktpack_doorbell_start_now(ptr, layer)
+            assert int(db.flags[LAYER]) == layer and t_begin <= int(db.flags[START_NS]) <= time.monotonic_ns()
+            so.ktpack_doorbell_wait_now(ptr)
+            assert int(db.flags[DONE]) == int(db.flags[REQUEST]) == i + 1
+            assert torch.equal(db.out, fns[layer](x, ids, w)), f"request {i}"
+    finally:
+        worker.close()
+    elapsed = time.monotonic_ns() - t_begin
+    h = worker.stats
+    assert h.requests == 20 and int(db.flags[WAITS]) == 20
+    assert 0 < h.handoff_ns <= elapsed and 0 <= h.pickup_ns <= h.handoff_ns  # one clock on both sides
+    assert 0 < int(db.flags[STALL_NS]) <= elapsed
+
+
+def test_compiled_wait_node_returns_when_the_worker_fails(tmp_path):
+    so = _build_host_doorbell(tmp_path)
+
+    def broken(x, ids, w):
+        raise RuntimeError("engine exploded")
+
+    db = Doorbell(hidden=32, topk=2, tokens=3)
+    ptr = ctypes.c_void_p(db.flags.data_ptr())
+    worker = ExpertWorker(db, {0: broken}, poll_s=1e-4)
+
+    def node() -> None:
+        so.ktpack_doorbell_start_now(ptr, 0)
+        so.ktpack_doorbell_wait_now(ptr)
+
+    t = threading.Thread(target=node)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "the compiled wait node kept spinning after the worker failed"
+    assert int(db.flags[ABORT]) == 1 and "engine exploded" in repr(db.error)
+    so.ktpack_doorbell_start_now(ptr, 0)  # later start nodes see ABORT and publish nothing
+    assert int(db.flags[REQUEST]) == 1
+    worker.close()
+
+
 # ------------------------------------------------------------------------------------------------ decode step (CPU)
 
 
@@ -191,6 +316,10 @@ def test_static_decode_step_matches_eager_decode(gpu_pack, engine):
         assert torch.equal(c_step.c_kv, c_eager.c_kv) and torch.equal(c_step.k_pe, c_eager.k_pe)
         assert [t.data_ptr() for t in buffers] == fixed
         assert int(step.doorbell.flags[DONE]) == 32 * n_moe  # every MoE layer went through the doorbell
+        assert all(isinstance(o, OverlappedMoE) and o.overlap for o in step.overlapped.values())
+        h = step.handoffs
+        assert h.requests == 32 * n_moe and step.doorbell.stall()[1] == 32 * n_moe
+        assert 0 <= h.pickup_ns <= h.handoff_ns and 0 < h.compute_ns <= h.handoff_ns
         for m in step.moes.values():  # the model's own experts are back in place
             assert not isinstance(m.experts, StagedExperts)
     finally:
@@ -209,6 +338,95 @@ def test_decode_step_needs_static_shapes(gpu_pack):
     try:
         with pytest.raises(ValueError, match="position 8 does not fit"):
             step(1, 8)
+    finally:
+        step.close()
+
+
+def _gate(model: DeepseekV3Model, timeout: float) -> list[str]:
+    """Block every MoE layer's routed experts until that layer's shared expert has started: a step whose shared
+    expert ran only after the routed experts finished would stall (and fail). Returns the call log. (Before
+    the decode step is made: its worker takes the experts then. Not for model.forward: MoE runs them in turn.)"""
+    log: list[str] = []
+    for i, b in enumerate(model.blocks):
+        m = getattr(b, "ffn", None)
+        if not hasattr(m, "shared") or m.shared is None:
+            continue
+        started = threading.Event()
+
+        def shared(x, _inner=m.shared, _ev=started, _i=i):
+            log.append(f"shared {_i}")
+            _ev.set()
+            return _inner(x)
+
+        def experts(x, ids, w, _inner=m.experts, _ev=started, _i=i):
+            if not _ev.wait(timeout):
+                raise TimeoutError(f"layer {_i}: the shared expert did not run while the routed experts waited")
+            _ev.clear()
+            log.append(f"routed {_i}")
+            return _inner(x, ids, w)
+
+        m.shared, m.experts = shared, experts
+    return log
+
+
+def test_decode_step_overlaps_the_shared_expert_with_the_cpu_experts(gpu_pack):
+    """In the step, the routed experts start (doorbell) before the shared expert runs and are waited for after:
+    the CPU experts here cannot finish until the shared expert has started, and the values are unchanged."""
+    model = DeepseekV3Model(load_pack(gpu_pack), static_kv=True)
+    plain = DeepseekV3Model(load_pack(gpu_pack), static_kv=True)
+    c_step, c_plain = model.new_cache(CTX), plain.new_cache(CTX)
+    tok = _prefill(model, c_step)
+    assert _prefill(plain, c_plain) == tok
+    log = _gate(model, timeout=30)
+    step = DecodeStep(model, c_step)
+    n_moe = len(step.moes)
+    try:
+        for i in range(3):
+            log.clear()
+            want = plain.forward(torch.tensor([tok]), len(PROMPT) + i, c_plain)
+            assert torch.equal(step(tok, len(PROMPT) + i), want), f"step {i}"
+            tok = int(want[-1].argmax())
+        assert len(log) == 2 * n_moe and all(a.startswith("shared") for a in log[::2])
+    finally:
+        step.close()
+
+
+def test_gated_experts_catch_a_step_without_overlap(gpu_pack):
+    """The control: the same gate fails when the shared expert runs after the wait (overlap=False)."""
+    model = DeepseekV3Model(load_pack(gpu_pack), static_kv=True)
+    cache = model.new_cache(CTX)
+    tok = _prefill(model, cache)
+    _gate(model, timeout=0.5)
+    step = DecodeStep(model, cache)
+    for o in step.overlapped.values():
+        o.overlap = False
+    try:
+        with pytest.raises(DoorbellError, match="did not run while the routed experts waited"):
+            step(tok, len(PROMPT))
+    finally:
+        step.close()
+
+
+def test_decode_step_does_not_overlap_two_native_pool_jobs(tmp_path_factory, tiny_dir):
+    """A CPU pack's shared expert runs on the native engine's pool, which takes one job at a time: on a CPU the
+    step then runs it after the wait (on a GPU it is a GPU kernel and always overlaps)."""
+    from ktpack.runtime.graph import uses_native_pool
+
+    folder = session_packs(tmp_path_factory, tiny_dir)("tiny-Q8_0.gguf", target="cpu")
+    pack = load_pack(folder, engine="native")
+    model = DeepseekV3Model(pack, static_kv=True)
+    c_step, c_eager = model.new_cache(CTX), model.new_cache(CTX)
+    tok = _prefill(model, c_step)
+    assert _prefill(model, c_eager) == tok
+    step = DecodeStep(model, c_step)
+    try:
+        shared = [m.shared for m in step.moes.values() if m.shared is not None]
+        assert shared and all(uses_native_pool(s) for s in shared)
+        assert not any(o.overlap for o in step.overlapped.values())
+        for i in range(4):
+            want = model.forward(torch.tensor([tok]), len(PROMPT) + i, c_eager)
+            assert torch.equal(step(tok, len(PROMPT) + i), want), f"step {i}"
+            tok = int(want[-1].argmax())
     finally:
         step.close()
 

@@ -5,8 +5,8 @@
 //     stacked:    qweight int32 [B, K/16, 2N], scales fp16 [B, K/g, N], x [T, B, K] -> y [T, B, N]
 //     x fp16 or bf16 (y has its dtype); group_size -1 means one group over all of K; kernel 0 auto, 1 CUDA
 //     cores, 2 tensor cores.
-//   torch.ops.ktpack_cuda.doorbell_ring(flags, layer): enqueue the expert doorbell (doorbell.h) on the
-//     current stream; flags is a pinned CPU int64 [4].
+//   torch.ops.ktpack_cuda.doorbell_start(flags, layer) / doorbell_wait(flags): enqueue the two host nodes of
+//     the expert doorbell (doorbell.h) on the current stream; flags is a pinned CPU int64 [8].
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -94,22 +94,38 @@ at::Tensor marlin_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const 
   return y;
 }
 
-void doorbell_ring(const at::Tensor& flags, int64_t layer) {
-  TORCH_CHECK(flags.device().is_cpu() && flags.is_pinned(), "doorbell_ring: flags must be a pinned CPU tensor");
-  TORCH_CHECK(flags.scalar_type() == at::kLong && flags.numel() == 4 && flags.is_contiguous(),
-              "doorbell_ring: flags must be a contiguous int64 tensor of 4 elements");
+void check_flags(const at::Tensor& flags, const char* op) {
+  TORCH_CHECK(flags.device().is_cpu() && flags.is_pinned(), op, ": flags must be a pinned CPU tensor");
+  TORCH_CHECK(flags.scalar_type() == at::kLong && flags.numel() == ktpack::cuda::kDoorbellFlags &&
+                  flags.is_contiguous(),
+              op, ": flags must be a contiguous int64 tensor of ", ktpack::cuda::kDoorbellFlags, " elements");
+}
+
+void doorbell_start(const at::Tensor& flags, int64_t layer) {
+  check_flags(flags, "doorbell_start");
   const cudaError_t err =
-      ktpack::cuda::doorbell_enqueue(flags.data_ptr<int64_t>(), layer, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "doorbell_ring: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
+      ktpack::cuda::doorbell_enqueue_start(flags.data_ptr<int64_t>(), layer, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "doorbell_start: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
+}
+
+void doorbell_wait(const at::Tensor& flags) {
+  check_flags(flags, "doorbell_wait");
+  const cudaError_t err =
+      ktpack::cuda::doorbell_enqueue_wait(flags.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "doorbell_wait: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(ktpack_cuda, m) {
   m.def("marlin_gemm(Tensor x, Tensor qweight, Tensor scales, int group_size, int kernel=0) -> Tensor");
-  m.def("doorbell_ring(Tensor(a!) flags, int layer) -> ()");
+  m.def("doorbell_start(Tensor(a!) flags, int layer) -> ()");
+  m.def("doorbell_wait(Tensor(a!) flags) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ktpack_cuda, CUDA, m) { m.impl("marlin_gemm", &marlin_gemm); }
 
-TORCH_LIBRARY_IMPL(ktpack_cuda, CPU, m) { m.impl("doorbell_ring", &doorbell_ring); }
+TORCH_LIBRARY_IMPL(ktpack_cuda, CPU, m) {
+  m.impl("doorbell_start", &doorbell_start);
+  m.impl("doorbell_wait", &doorbell_wait);
+}
