@@ -12,6 +12,7 @@ import numpy as np
 from ktpack.layouts.errors import ManifestError
 
 from .chat import ChatError
+from .cuda_ops import CudaUnavailable
 from .engine import Engine, EngineError, Generation
 from .sampling import SamplingParams
 
@@ -70,7 +71,12 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-sequence (benchmarks).")
-@click.option("--ctx-size", default=4096, show_default=True, help="KV cache length, allocated once.")
+@click.option(
+    "--ctx-size",
+    default=4096,
+    show_default=True,
+    help="KV cache length, allocated once (GPU runs: 0 = the most that fits).",
+)
 @click.option("--prefill-chunk", default=256, show_default=True)
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the run's figures and ids as JSON.")
 @click.option("--verify", is_flag=True, help="Check every checksum of the packed folder before loading.")
@@ -86,11 +92,17 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
     is_flag=True,
     help="GPU runs (KTPACK_DEVICE=cuda): run each decode step eagerly instead of replaying one CUDA Graph.",
 )
+@click.option(
+    "--gpu-mem",
+    type=float,
+    default=None,
+    help="GPU runs: the most GiB of GPU memory to take (weights, KV cache, activations); default: what is free.",
+)
 def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids: Path | None, system: str | None,
          raw: bool, score: Path | None, logits_out: Path | None, max_new_tokens: int, temperature: float, top_k: int,
          top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], ignore_eos: bool,
          ctx_size: int, prefill_chunk: int, stats_json: Path | None, verify: bool,
-         engine: str | None, no_graph: bool) -> None:  # fmt: skip
+         engine: str | None, no_graph: bool, gpu_mem: float | None) -> None:  # fmt: skip
     """Generate from a packed folder (tokens streamed to stdout, one stats line on stderr).
 
     \b
@@ -116,8 +128,11 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
         ids_in = _load_ids(prompt_ids, "--prompt-ids") if prompt_ids else None
         score_ids = _load_ids(score, "--score ids") if score else None
         eng = Engine(
-            packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine, graph=not no_graph
-        )
+            packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine, graph=not no_graph,
+            gpu_mem=gpu_mem,
+        )  # fmt: skip
+        if eng.gpu_budget is not None:
+            click.echo(f"kt-run: {eng.gpu_budget.line()}", err=True)
         if score_ids is not None:
             logits = eng.score(score_ids)
             np.save(logits_out, logits.astype(np.float32))
@@ -138,7 +153,7 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
         gen = eng.generate(ids_in, **run)
         sys.stdout.write("\n")
         _stats_out(gen, stats_json)
-    except (ManifestError, EngineError, ChatError, ValueError) as e:
+    except (ManifestError, EngineError, ChatError, ValueError, CudaUnavailable) as e:
         click.echo(f"kt-run: error: {e}", err=True)
         sys.exit(1)
     except OSError as e:  # a file that vanished or cannot be read while loading or writing

@@ -91,27 +91,35 @@ class Engine:
         engine: str | None = None,
         device: str | None = None,
         graph: bool = True,
+        gpu_mem: float | None = None,
     ):
         from .model import DeepseekV3Model
         from .weights import load_pack
 
         self.folder = Path(folder)
-        if ctx_size < 1:
-            raise EngineError(f"--ctx-size must be >= 1, got {ctx_size}")
         self.device = torch.device(device or os.environ.get("KTPACK_DEVICE") or "cpu")
+        if ctx_size < 1 and not (ctx_size == 0 and self.device.type == "cuda"):
+            raise EngineError(f"--ctx-size must be >= 1 (0: the most the GPU fits, GPU runs only), got {ctx_size}")
         self.pack = load_pack(self.folder, verify=verify, engine=engine)
         self.config = self.pack.config
-        self._step = None  # the GPU decode step (runtime/graph.py)
+        self._step = None  # the decode step: runtime/graph.py (GPU) or runtime/cpu_decode.py (CPU)
+        self.gpu_budget = None  # GPU runs: what runtime/gpu.py's place_for_run measured and chose
         if self.device.type == "cuda":
-            from .gpu import place_on_device
+            from .gpu import place_for_run
             from .graph import DecodeStep
 
-            self.model = place_on_device(DeepseekV3Model(self.pack, static_kv=True), self.device)
+            # weights checked against the free memory (and gpu_mem), placed, the KV cache sized from what is left
+            self.model = DeepseekV3Model(self.pack, static_kv=True)
+            self.gpu_budget = place_for_run(self.model, self.device, ctx_size, max(1, prefill_chunk), gpu_mem)
+            ctx_size = self.gpu_budget.kv.ctx_size
             self.cache = self.model.new_cache(ctx_size)
             self._step = DecodeStep(self.model, self.cache, graph=graph)
         else:
+            from . import cpu_decode
+
             self.model = DeepseekV3Model(self.pack)
             self.cache = self.model.new_cache(ctx_size)
+            self._step = cpu_decode.build(self.model, self.cache)  # None: decode through the torch model
         self.ctx_size = ctx_size
         self.prefill_chunk = max(1, prefill_chunk)
         self._tok: ChatTokenizer | None = None
@@ -216,7 +224,7 @@ class Engine:
     def _decode(self, tok: int, pos: int) -> torch.Tensor:
         """Logits [vocab] (CPU) of one token at `pos`: the GPU decode step, or the model's forward."""
         if self._step is not None:
-            return self._step(tok, pos)[-1].cpu()
+            return self._step(tok, pos).reshape(-1, self.config.vocab_size)[-1].cpu().clone()
         return self.model.forward(torch.tensor([tok]), pos, self.cache)[-1]
 
     def _has_tok(self) -> bool:
