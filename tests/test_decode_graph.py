@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -449,6 +450,41 @@ def test_kt_run_no_graph_flag_on_cpu(gpu_pack, tmp_path):
     assert outs[0] == outs[1] and len(outs[0]) == 6
 
 
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
+
+
+def test_bench_gpu_without_cuda_exits_2(gpu_pack):
+    from ktpack.runtime import cuda_ops
+
+    why = cuda_ops.why_unavailable()
+    if why is None:
+        pytest.skip("this machine has CUDA")
+    r = subprocess.run([sys.executable, str(BENCH), str(gpu_pack)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"bench_gpu: CUDA unavailable: {why}"]
+
+
+def test_bench_gpu_dry_run_on_the_cpu(gpu_pack, tmp_path):
+    """scripts/bench_gpu.py's measuring code on the CPU (eager only): one table, JSON with the hand-offs the
+    worker measured (one per MoE layer per token, request -> done = pick-up + experts)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), str(gpu_pack), "--device", "cpu", "--tokens", "4", "--warmup", "1",
+           "--prompt-len", "3", "--reps", "2", "--ctx-size", "16", "--engine", "ref", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:2] == ["mode", "tok/s"] and lines[2].startswith("eager ")
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    n_moe = row["moe_layers"]
+    assert n_moe > 0 and row["handoffs_per_token"] == n_moe and row["reps"] == 2
+    assert row["tok_s"] > 0 and 0 < row["experts_ms_per_token"] <= row["handoff_ms_per_token"]
+    assert row["handoff_ms_per_token"] <= row["ms_per_token"] and row["stall_ms_per_token"] > 0
+    assert len(doc["tokens"]["eager"]) == 1 + 1 + 4 and doc["graph_eager_agree"] is None
+    bad = subprocess.run([*cmd[:3], "--device", "cpu", "--ctx-size", "8"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("bench_gpu: error: --ctx-size 8 is shorter")
+
+
 def _reference_marlin_gemm(x, qweight, scales, group_size, kernel="auto"):
     """Stand-in for cuda_ops.marlin_gemm: dequantize the packed tensors (layouts/marlin.py), then the CPU
     model's own products (F.linear / einsum), so a correctly placed model gives the same values."""
@@ -546,3 +582,18 @@ def test_engine_on_gpu_graph_and_no_graph_agree(gpu_pack):
         outs.append(gen.output_ids)
         eng._step.close()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bench_gpu_on_gpu(gpu_pack, tmp_path):
+    """scripts/bench_gpu.py on the tiny pack: both modes measured, graph and eager greedy tokens agree."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), str(gpu_pack), "--tokens", "16", "--prompt-len", "5", "--reps", "2",
+           "--ctx-size", "64", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    print("\n" + r.stdout)
+    doc = json.loads(out.read_text())
+    assert [row["mode"] for row in doc["rows"]] == ["eager", "graph"] and doc["graph_eager_agree"] is True
+    assert all(row["handoffs_per_token"] == row["moe_layers"] > 0 for row in doc["rows"])
