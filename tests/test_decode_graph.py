@@ -343,6 +343,24 @@ def test_decode_step_needs_static_shapes(gpu_pack):
         step.close()
 
 
+def test_prefill_stays_outside_the_step(gpu_pack):
+    """Chunked prefill (Engine._prefill: model.forward over chunks) is not the step: with a step built, a
+    prefill chunk runs the model's own MoE (experts called directly, no doorbell); only step calls ring it."""
+    model = DeepseekV3Model(load_pack(gpu_pack), static_kv=True)
+    cache = model.new_cache(CTX)
+    step = DecodeStep(model, cache)
+    try:
+        tok = _prefill(model, cache)
+        assert int(step.doorbell.flags[REQUEST]) == 0 and step.handoffs.requests == 0
+        assert not any(isinstance(b.ffn, OverlappedMoE) for b in model.blocks)
+        step(tok, len(PROMPT))
+        assert int(step.doorbell.flags[REQUEST]) == len(step.moes)
+        logits = model.forward(torch.tensor([tok, 3, 4]), len(PROMPT) + 1, cache)  # a later chunk
+        assert logits.shape[0] == 3 and int(step.doorbell.flags[REQUEST]) == len(step.moes)
+    finally:
+        step.close()
+
+
 def _gate(model: DeepseekV3Model, timeout: float) -> list[str]:
     """Block every MoE layer's routed experts until that layer's shared expert has started: a step whose shared
     expert ran only after the routed experts finished would stall (and fail). Returns the call log. (Before
