@@ -24,10 +24,10 @@ graph=False, or on a CPU, `__call__` runs the same `_body` eagerly, so the CPU t
 graph is captured from (buffers, doorbell, worker) and must match `model.forward` bit for bit.
 
 On a GPU, read `logits` only after synchronising the stream (a `.cpu()` or `.item()` does): while a replay
-runs, the host node waits for the worker thread, which needs the GIL, and torch releases it while it waits.
+runs, the wait node waits for the worker thread, which needs the GIL, and torch releases it while it waits.
 
 Only the decode step (T = 1) is captured. Prefill (Engine._prefill: `model.forward` over chunks of
---prefill-chunk tokens) runs eagerly outside the graph: its shapes change with every chunk, it is one call per
+--prefill-chunk tokens) runs eagerly outside the graph: its token count changes with the prompt, it is one call per
 chunk rather than per token (launch overhead is small against a chunk's GEMMs), and its routed experts take
 the direct path (runtime/gpu.py's HostExperts: copy to the CPU, call, copy back) instead of the one-token
 doorbell. Prefill writes the same static cache the graph then reads, at fixed addresses.
