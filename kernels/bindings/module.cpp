@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu_features.h"
+#include "decode.h"
 #include "ops.h"
 #include "thread_pool.h"
 
@@ -131,6 +132,85 @@ struct PyExperts {
   }
 };
 
+// The whole decode step (decode.h) over Linear / Experts objects the runtime already built.
+struct PyDecode {
+  std::vector<py::object> keep;
+  std::unique_ptr<ktpack::DecodeStep> op;
+  int64_t hidden = 0, vocab = 0, topk = 0;
+
+  const float* farr(const py::object& o, int64_t want, const std::string& what, bool writable = false) {
+    if (o.is_none()) return nullptr;
+    py::array a = o.cast<py::array>();
+    float* p = f32_ptr(a, want, what.c_str(), writable);
+    keep.push_back(a);
+    return p;
+  }
+  ktpack::LinearOp* lin(const py::object& o) {
+    if (o.is_none()) return nullptr;
+    keep.push_back(o);
+    return o.cast<PyLinear&>().op.get();
+  }
+  ktpack::ExpertsOp* exps(const py::object& o) {
+    if (o.is_none()) return nullptr;
+    keep.push_back(o);
+    return o.cast<PyExperts&>().op.get();
+  }
+
+  PyDecode(const py::dict& cfg, const py::list& layers, const py::object& out_norm, const py::object& head,
+           const py::object& c_kv, const py::object& k_pe, const py::object& cos, const py::object& sin) {
+    ktpack::DecodeConfig c;
+    auto gi = [&](const char* k) { return cfg[k].cast<int64_t>(); };
+    c.layers = gi("layers"), c.hidden = gi("hidden"), c.heads = gi("heads"), c.q_lora = gi("q_lora");
+    c.kv_lora = gi("kv_lora"), c.nope = gi("nope"), c.rope = gi("rope"), c.vdim = gi("vdim"), c.vocab = gi("vocab");
+    c.ctx = gi("ctx"), c.n_experts = gi("n_experts"), c.topk = gi("topk"), c.n_group = gi("n_group");
+    c.topk_group = gi("topk_group"), c.scoring = int(gi("scoring")), c.method = int(gi("method"));
+    c.norm_topk = cfg["norm_topk"].cast<bool>();
+    c.eps = cfg["eps"].cast<float>(), c.attn_scale = cfg["attn_scale"].cast<float>();
+    c.routed_scale = cfg["routed_scale"].cast<float>();
+    hidden = c.hidden, vocab = c.vocab, topk = c.topk;
+    std::vector<ktpack::DecodeLayer> ls;
+    for (const auto& item : layers) {
+      py::dict d = item.cast<py::dict>();
+      ktpack::DecodeLayer l;
+      l.attn_norm = farr(d["attn_norm"], c.hidden, "attn_norm");
+      l.ffn_norm = farr(d["ffn_norm"], c.hidden, "ffn_norm");
+      l.q_a_norm = farr(d["q_a_norm"], c.q_lora, "q_a_norm");
+      l.kv_a_norm = farr(d["kv_a_norm"], c.kv_lora, "kv_a_norm");
+      l.q_a = lin(d["q_a"]), l.q_b = lin(d["q_b"]), l.kv_a = lin(d["kv_a"]);
+      l.k_b = lin(d["k_b"]), l.v_b = lin(d["v_b"]), l.o = lin(d["o"]);
+      l.mlp = exps(d["mlp"]);
+      l.router_w = farr(d["router_w"], c.n_experts * c.hidden, "router weight");
+      l.router_b = farr(d["router_b"], c.n_experts, "router bias");
+      l.experts = exps(d["experts"]);
+      l.shared = exps(d["shared"]);
+      ls.push_back(l);
+    }
+    const float* on = farr(out_norm, c.hidden, "output_norm");
+    float* ck = const_cast<float*>(farr(c_kv, c.layers * c.ctx * c.kv_lora, "c_kv cache", true));
+    float* kp = const_cast<float*>(farr(k_pe, c.layers * c.ctx * c.rope, "k_pe cache", true));
+    const float* cs = farr(cos, c.ctx * (c.rope / 2), "rope cos");
+    const float* sn = farr(sin, c.ctx * (c.rope / 2), "rope sin");
+    try {
+      op = std::make_unique<ktpack::DecodeStep>(c, std::move(ls), on, lin(head), ck, kp, cs, sn);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }
+  void forward(py::array x, int64_t pos, py::array logits) {
+    const float* xp = f32_ptr(x, hidden, "x", false);
+    float* lp = f32_ptr(logits, vocab, "logits", true);
+    py::gil_scoped_release nogil;
+    op->forward(xp, pos, lp);
+  }
+  py::tuple route(int64_t layer, py::array f) {
+    const float* fp = f32_ptr(f, hidden, "f", false);
+    py::array_t<int64_t> idx(topk);
+    py::array_t<float> w(topk);
+    op->route(layer, fp, idx.mutable_data(), w.mutable_data());
+    return py::make_tuple(idx, w);
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -234,4 +314,10 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init<py::list, int64_t, int64_t, int64_t>(), py::arg("slices"), py::arg("n_experts"),
            py::arg("hidden"), py::arg("inter"))
       .def("forward", &PyExperts::forward, py::arg("x"), py::arg("idx"), py::arg("weights"), py::arg("out"));
+  py::class_<PyDecode>(m, "Decode")
+      .def(py::init<py::dict, py::list, py::object, py::object, py::object, py::object, py::object, py::object>(),
+           py::arg("config"), py::arg("layers"), py::arg("output_norm"), py::arg("head"), py::arg("c_kv"),
+           py::arg("k_pe"), py::arg("cos"), py::arg("sin"))
+      .def("forward", &PyDecode::forward, py::arg("x"), py::arg("pos"), py::arg("logits"))
+      .def("route", &PyDecode::route, py::arg("layer"), py::arg("f"));
 }

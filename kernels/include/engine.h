@@ -77,6 +77,10 @@ using QuantFn = void (*)(const float* x, int64_t k, int block, int8_t* q, float*
 // h = silu(g) * u, elementwise.
 using SiluMulFn = void (*)(const float* g, const float* u, float* h, int64_t n);
 
+// Float vector helpers for the decode step's attention and router (f32, fixed summation order per ISA).
+using DotFn = float (*)(const float* a, const float* b, int64_t n);
+using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);  // y += a * x
+
 // XOR of the 64-bit words of p[0, n) (n % 64 == 0): a read-only pass for measuring bandwidth.
 using ReadFn = uint64_t (*)(const uint8_t* p, int64_t n);
 
@@ -86,6 +90,8 @@ struct Kernels {
   GemmFn gemm[static_cast<int>(WType::count)];
   QuantFn quantize;
   SiluMulFn silu_mul;
+  DotFn dot;
+  AxpyFn axpy;
 };
 
 // Filled by each ISA translation unit (kernels_<isa>.cpp).

@@ -1,0 +1,78 @@
+// The whole DeepSeek-V3 decode step in the native engine: one call per token, no Python between layers.
+//
+// The runtime's torch model (runtime/model.py) is the definition; this is the same arithmetic for one
+// token, over the same weight operations (the LinearOp / ExpertsOp objects the torch model calls) and
+// the same KV cache memory, so prefill can stay in torch and decode continues from its cache:
+//
+//   per layer:  a = RMSNorm(x);  q = q_b(RMSNorm(q_a a)) (or attn_q a);  [c | k_pe] = kv_a a
+//               c = RMSNorm(c);  RoPE(q_pe, k_pe) at pos (adjacent pairs);  cache[pos] = (c, k_pe)
+//               q_abs[h] = k_b[h] q_nope[h];  s[h,t] = (q_abs[h]·c_t + q_pe[h]·k_pe_t) * scale, t <= pos
+//               p = softmax_t(s);  lat[h] = sum_t p[h,t] c_t;  o[h] = v_b[h] lat[h];  x += o_proj(o)
+//               f = RMSNorm(x);  x += dense MLP(f)  |  routed(f; router(f)) + shared(f)
+//   logits = head(RMSNorm(x))
+//
+// Buffers are allocated once (the constructor); a step allocates nothing.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "ops.h"
+
+namespace ktpack {
+
+struct DecodeConfig {
+  int64_t layers = 0, hidden = 0, heads = 0, q_lora = 0, kv_lora = 0, nope = 0, rope = 0, vdim = 0, vocab = 0;
+  int64_t ctx = 0;  // cache positions
+  float eps = 1e-6f, attn_scale = 1.f;
+  // router
+  int64_t n_experts = 0, topk = 0, n_group = 1, topk_group = 1;
+  int scoring = 0;  // 0 sigmoid, 1 softmax
+  int method = 0;   // 0 noaux_tc (group score = sum of top 2), 1 group_limited_greedy (max), 2 plain top-k
+  bool norm_topk = true;
+  float routed_scale = 1.f;
+};
+
+struct DecodeLayer {
+  const float* attn_norm = nullptr;
+  const float* ffn_norm = nullptr;
+  const float* q_a_norm = nullptr;  // null without q_lora
+  const float* kv_a_norm = nullptr;
+  LinearOp* q_a = nullptr;  // null without q_lora (q_b is then attn_q)
+  LinearOp* q_b = nullptr;
+  LinearOp* kv_a = nullptr;
+  LinearOp* k_b = nullptr;  // stack [H][kv_lora][nope]
+  LinearOp* v_b = nullptr;  // stack [H][vdim][kv_lora]
+  LinearOp* o = nullptr;
+  ExpertsOp* mlp = nullptr;  // dense FFN (one expert at weight 1), or null for a MoE layer
+  const float* router_w = nullptr;  // [n_experts][hidden] f32
+  const float* router_b = nullptr;  // [n_experts] or null
+  ExpertsOp* experts = nullptr;
+  ExpertsOp* shared = nullptr;  // or null
+};
+
+class DecodeStep {
+ public:
+  // c_kv [layers][ctx][kv_lora] and k_pe [layers][ctx][rope] are the runtime's cache (written here);
+  // cos/sin [ctx][rope/2] the RoPE table (attention factor included).
+  DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers, const float* out_norm, LinearOp* head,
+             float* c_kv, float* k_pe, const float* cos, const float* sin);
+  // x: the token's embedding [hidden] (not modified); logits: [vocab].
+  void forward(const float* x, int64_t pos, float* logits);
+  // The router alone (for tests): idx [topk], w [topk] for hidden state f [hidden] of `layer`.
+  void route(int64_t layer, const float* f, int64_t* idx, float* w);
+
+ private:
+  void attention(int64_t l, int64_t pos);
+  DecodeConfig c_;
+  std::vector<DecodeLayer> L_;
+  const float* out_norm_;
+  LinearOp* head_;
+  float *c_kv_, *k_pe_;
+  const float *cos_, *sin_;
+  // buffers
+  std::vector<float> x_, a_, qa_, q_, kv_, qnope_, qabs_, s_, lat_, o_, attn_, f_, ffn_, sh_, rs_, ch_;
+  std::vector<int64_t> idx_;
+  std::vector<float> w_;
+};
+
+}  // namespace ktpack

@@ -1,0 +1,220 @@
+// The native decode step (decode.h). Compiled without ISA flags: vector work goes through the kernel
+// table (dot, axpy, the weight formats' GEMMs); what is left here is O(hidden) scalar glue.
+#include "decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "thread_pool.h"
+
+namespace ktpack {
+
+namespace {
+
+void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+  float ss = 0.f;
+  for (; i < n; ++i) ss += x[i] * x[i];
+  for (float a : acc) ss += a;
+  const float r = 1.f / std::sqrt(ss / float(n) + eps);
+  for (int64_t j = 0; j < n; ++j) out[j] = w[j] * (x[j] * r);
+}
+
+// Rotate adjacent pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given (n = rope dim).
+void rope_pairs(float* x, const float* cos, const float* sin, int64_t n) {
+  for (int64_t i = 0; i < n / 2; ++i) {
+    const float x1 = x[2 * i], x2 = x[2 * i + 1];
+    x[2 * i] = x1 * cos[i] - x2 * sin[i];
+    x[2 * i + 1] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+}  // namespace
+
+DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers, const float* out_norm,
+                       LinearOp* head, float* c_kv, float* k_pe, const float* cos, const float* sin)
+    : c_(cfg), L_(std::move(layers)), out_norm_(out_norm), head_(head), c_kv_(c_kv), k_pe_(k_pe), cos_(cos), sin_(sin) {
+  if (int64_t(L_.size()) != c_.layers) throw std::invalid_argument("decode: one DecodeLayer per layer");
+  if (c_.rope % 2 || c_.ctx < 1 || !head_ || !out_norm_ || !c_kv_ || !k_pe_ || !cos_ || !sin_)
+    throw std::invalid_argument("decode: incomplete configuration");
+  for (const DecodeLayer& l : L_) {
+    if (!l.attn_norm || !l.ffn_norm || !l.kv_a_norm || !l.q_b || !l.kv_a || !l.k_b || !l.v_b || !l.o ||
+        (c_.q_lora && (!l.q_a || !l.q_a_norm)))
+      throw std::invalid_argument("decode: a layer's attention is incomplete");
+    if (!l.mlp && (!l.experts || !l.router_w)) throw std::invalid_argument("decode: a layer has no FFN");
+  }
+  const int64_t H = c_.heads, qk = c_.nope + c_.rope;
+  x_.resize(size_t(c_.hidden));
+  a_.resize(size_t(c_.hidden));
+  qa_.resize(size_t(std::max<int64_t>(c_.q_lora, 1)));
+  q_.resize(size_t(H * qk));
+  kv_.resize(size_t(c_.kv_lora + c_.rope));
+  qnope_.resize(size_t(H * c_.nope));
+  qabs_.resize(size_t(H * c_.kv_lora));
+  s_.resize(size_t(H * c_.ctx));
+  lat_.resize(size_t(H * c_.kv_lora));
+  o_.resize(size_t(H * c_.vdim));
+  attn_.resize(size_t(c_.hidden));
+  f_.resize(size_t(c_.hidden));
+  ffn_.resize(size_t(c_.hidden));
+  sh_.resize(size_t(c_.hidden));
+  rs_.resize(size_t(std::max<int64_t>(c_.n_experts, 1)));
+  ch_.resize(size_t(std::max<int64_t>(c_.n_experts, 1)));
+  idx_.resize(size_t(std::max<int64_t>(c_.topk, 1)));
+  w_.resize(size_t(std::max<int64_t>(c_.topk, 1)));
+}
+
+void DecodeStep::attention(int64_t l, int64_t pos) {
+  const DecodeLayer& ly = L_[size_t(l)];
+  const int64_t H = c_.heads, D = c_.kv_lora, R = c_.rope, qk = c_.nope + c_.rope;
+  rms_norm(x_.data(), ly.attn_norm, a_.data(), c_.hidden, c_.eps);
+  if (ly.q_a) {
+    ly.q_a->forward(a_.data(), 1, qa_.data());
+    rms_norm(qa_.data(), ly.q_a_norm, qa_.data(), c_.q_lora, c_.eps);
+    ly.q_b->forward(qa_.data(), 1, q_.data());
+  } else {
+    ly.q_b->forward(a_.data(), 1, q_.data());
+  }
+  ly.kv_a->forward(a_.data(), 1, kv_.data());
+  const float* cs = cos_ + pos * (R / 2);
+  const float* sn = sin_ + pos * (R / 2);
+  float* cache_c = c_kv_ + (l * c_.ctx) * D;
+  float* cache_k = k_pe_ + (l * c_.ctx) * R;
+  rms_norm(kv_.data(), ly.kv_a_norm, cache_c + pos * D, D, c_.eps);
+  float* kp = cache_k + pos * R;
+  std::copy(kv_.data() + D, kv_.data() + D + R, kp);
+  rope_pairs(kp, cs, sn, R);
+  for (int64_t h = 0; h < H; ++h) {
+    float* q = q_.data() + h * qk;
+    rope_pairs(q + c_.nope, cs, sn, R);
+    std::copy(q, q + c_.nope, qnope_.data() + h * c_.nope);
+  }
+  ly.k_b->forward(qnope_.data(), 1, qabs_.data());  // [H][kv_lora]
+
+  // scores, softmax and the latent sum, one task per head (each reads the layer's cache rows 0..pos)
+  const int64_t n = pos + 1;
+  const Kernels& kt = kernels();
+  const float scale = c_.attn_scale;
+  auto head_fn = [&](int64_t h, int) {
+    const float* qa = qabs_.data() + h * D;
+    const float* qp = q_.data() + h * qk + c_.nope;
+    float* s = s_.data() + h * c_.ctx;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = (kt.dot(qa, cache_c + t * D, D) + kt.dot(qp, cache_k + t * R, R)) * scale;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    const float inv = 1.f / sum;
+    float* lat = lat_.data() + h * D;
+    std::fill(lat, lat + D, 0.f);
+    for (int64_t t = 0; t < n; ++t) kt.axpy(s[t] * inv, cache_c + t * D, lat, D);
+  };
+  if (n * H * (D + R) < (int64_t(1) << 15)) {
+    for (int64_t h = 0; h < H; ++h) head_fn(h, 0);
+  } else {
+    pool().run(H, head_fn);
+  }
+  ly.v_b->forward(lat_.data(), 1, o_.data());  // [H][vdim]
+  ly.o->forward(o_.data(), 1, attn_.data());
+  for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += attn_[size_t(i)];
+}
+
+void DecodeStep::route(int64_t layer, const float* f, int64_t* idx, float* w) {
+  const DecodeLayer& ly = L_[size_t(layer)];
+  const int64_t E = c_.n_experts, Hd = c_.hidden, K = c_.topk;
+  if (!ly.router_w) throw std::invalid_argument("decode: layer has no router");
+  const Kernels& kt = kernels();
+  float* z = rs_.data();
+  auto logit_fn = [&](int64_t e, int) { z[e] = kt.dot(ly.router_w + e * Hd, f, Hd); };
+  if (E * Hd < (int64_t(1) << 16)) {
+    for (int64_t e = 0; e < E; ++e) logit_fn(e, 0);
+  } else {
+    pool().run(E, logit_fn);
+  }
+  if (c_.scoring == 0) {
+    for (int64_t e = 0; e < E; ++e) z[e] = 1.f / (1.f + std::exp(-z[e]));
+  } else {
+    float mx = *std::max_element(z, z + E), sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (z[e] = std::exp(z[e] - mx));
+    for (int64_t e = 0; e < E; ++e) z[e] /= sum;
+  }
+  float* ch = ch_.data();
+  for (int64_t e = 0; e < E; ++e) ch[e] = z[e] + (ly.router_b ? ly.router_b[e] : 0.f);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (c_.method != 2 && c_.n_group > 1 && c_.topk_group < c_.n_group) {
+    const int64_t G = c_.n_group, per = E / G;
+    float gs[64];
+    bool keep[64];
+    if (G > 64) throw std::invalid_argument("decode: more than 64 expert groups");
+    for (int64_t g = 0; g < G; ++g) {
+      float b1 = ninf, b2 = ninf;
+      for (int64_t j = 0; j < per; ++j) {
+        const float v = ch[g * per + j];
+        if (v > b1) b2 = b1, b1 = v;
+        else if (v > b2) b2 = v;
+      }
+      gs[g] = c_.method == 0 ? b1 + b2 : b1;
+      keep[g] = false;
+    }
+    for (int64_t k = 0; k < c_.topk_group; ++k) {
+      int64_t best = -1;
+      for (int64_t g = 0; g < G; ++g)
+        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+      keep[best] = true;
+    }
+    for (int64_t g = 0; g < G; ++g)
+      if (!keep[g]) std::fill(ch + g * per, ch + (g + 1) * per, ninf);
+  }
+  float sum = 0.f;
+  for (int64_t k = 0; k < K; ++k) {  // the k best, best first; ties to the lower expert id
+    int64_t best = 0;
+    for (int64_t e = 1; e < E; ++e)
+      if (ch[e] > ch[best]) best = e;
+    idx[k] = best;
+    w[k] = z[best];
+    ch[best] = ninf;
+    sum += w[k];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    if (c_.norm_topk) w[k] = w[k] / (sum + 1e-20f);
+    w[k] *= c_.routed_scale;
+  }
+}
+
+void DecodeStep::forward(const float* x, int64_t pos, float* logits) {
+  if (pos < 0 || pos >= c_.ctx) throw std::out_of_range("decode: position outside the cache");
+  std::copy(x, x + c_.hidden, x_.data());
+  const int64_t zero = 0;
+  const float one = 1.f;
+  for (int64_t l = 0; l < c_.layers; ++l) {
+    const DecodeLayer& ly = L_[size_t(l)];
+    attention(l, pos);
+    rms_norm(x_.data(), ly.ffn_norm, f_.data(), c_.hidden, c_.eps);
+    if (ly.mlp) {
+      ly.mlp->forward(f_.data(), 1, &zero, &one, 1, ffn_.data());
+      for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += ffn_[size_t(i)];
+    } else {
+      route(l, f_.data(), idx_.data(), w_.data());
+      ly.experts->forward(f_.data(), 1, idx_.data(), w_.data(), c_.topk, ffn_.data());
+      if (ly.shared) {
+        ly.shared->forward(f_.data(), 1, &zero, &one, 1, sh_.data());
+        for (int64_t i = 0; i < c_.hidden; ++i) ffn_[size_t(i)] += sh_[size_t(i)];
+      }
+      for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += ffn_[size_t(i)];
+    }
+  }
+  rms_norm(x_.data(), out_norm_, a_.data(), c_.hidden, c_.eps);
+  head_->forward(a_.data(), 1, logits);
+}
+
+}  // namespace ktpack
