@@ -130,6 +130,10 @@ class NativeDecode:
         self._op.forward(x, pos, self._logits_np)
         return self.logits
 
+    def profile(self, reset: bool = False) -> dict:
+        """Seconds per phase of the steps since the last reset (and "steps"): where decode time goes."""
+        return self._op.profile(reset)
+
     def route(self, layer: int, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The native router of `layer` on hidden state `f` (tests)."""
         return self._op.route(layer, np.ascontiguousarray(f, dtype=np.float32))

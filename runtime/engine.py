@@ -42,6 +42,8 @@ class Stats:
     generated_tokens: int = 0
     decode_s: float = 0.0
     peak_rss_mb: float = 0.0
+    # seconds per phase of the native CPU decode step (runtime/cpu_decode.py), when it ran
+    decode_profile: dict | None = None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -69,6 +71,7 @@ class Stats:
             "decode_s": self.decode_s,
             "decode_tok_s": self.decode_tok_s,
             "peak_rss_mb": self.peak_rss_mb,
+            "decode_profile": self.decode_profile,
         }
 
 
@@ -213,6 +216,8 @@ class Engine:
             logits = self._decode(tok, pos)
             pos += 1
         st.decode_s = time.perf_counter() - t1
+        if hasattr(self._step, "profile"):
+            st.decode_profile = self._step.profile(reset=True)
         st.generated_tokens = len(gen.output_ids)
         st.peak_rss_mb = peak_rss_mb()
         if decoder is not None:

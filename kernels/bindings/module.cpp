@@ -202,6 +202,15 @@ struct PyDecode {
     py::gil_scoped_release nogil;
     op->forward(xp, pos, lp);
   }
+  py::dict profile(bool reset) {
+    int64_t ns[ktpack::DecodeStep::kPhases], steps = 0;
+    op->profile(ns, &steps);
+    py::dict d;
+    d["steps"] = steps;
+    for (int p = 0; p < ktpack::DecodeStep::kPhases; ++p) d[ktpack::DecodeStep::phase_name(p)] = ns[p] * 1e-9;
+    if (reset) op->reset_profile();
+    return d;
+  }
   py::tuple route(int64_t layer, py::array f) {
     const float* fp = f32_ptr(f, hidden, "f", false);
     py::array_t<int64_t> idx(topk);
@@ -319,5 +328,7 @@ PYBIND11_MODULE(_native, m) {
            py::arg("config"), py::arg("layers"), py::arg("output_norm"), py::arg("head"), py::arg("c_kv"),
            py::arg("k_pe"), py::arg("cos"), py::arg("sin"))
       .def("forward", &PyDecode::forward, py::arg("x"), py::arg("pos"), py::arg("logits"))
-      .def("route", &PyDecode::route, py::arg("layer"), py::arg("f"));
+      .def("route", &PyDecode::route, py::arg("layer"), py::arg("f"))
+      .def("profile", &PyDecode::profile, py::arg("reset") = false,
+           "Seconds spent per phase since the last reset, and the number of steps.");
 }

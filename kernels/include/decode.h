@@ -61,6 +61,13 @@ class DecodeStep {
   // The router alone (for tests): idx [topk], w [topk] for hidden state f [hidden] of `layer`.
   void route(int64_t layer, const float* f, int64_t* idx, float* w);
 
+  // Where the steps' time went since the last reset (nanoseconds per phase, and the step count): the
+  // profile table benchmarks print. Timing costs two clock reads per phase per layer.
+  enum Phase { kNorms, kAttnProj, kAttnCore, kRouter, kExperts, kShared, kHead, kPhases };
+  static const char* phase_name(int p);
+  void profile(int64_t* ns, int64_t* steps) const;
+  void reset_profile();
+
  private:
   void attention(int64_t l, int64_t pos);
   DecodeConfig c_;
@@ -70,9 +77,12 @@ class DecodeStep {
   float *c_kv_, *k_pe_;
   const float *cos_, *sin_;
   // buffers
+  std::vector<float> part_;  // per-chunk partial latent sums [2 * threads][H][kv_lora]
   std::vector<float> x_, a_, qa_, q_, kv_, qnope_, qabs_, s_, lat_, o_, attn_, f_, ffn_, sh_, rs_, ch_;
   std::vector<int64_t> idx_;
   std::vector<float> w_;
+  int64_t prof_[kPhases] = {};
+  int64_t steps_ = 0;
 };
 
 }  // namespace ktpack

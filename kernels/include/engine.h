@@ -80,6 +80,8 @@ using SiluMulFn = void (*)(const float* g, const float* u, float* h, int64_t n);
 // Float vector helpers for the decode step's attention and router (f32, fixed summation order per ISA).
 using DotFn = float (*)(const float* a, const float* b, int64_t n);
 using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);  // y += a * x
+// s[i] = exp(s[i] - shift) for i < n; returns the sum (softmax's denominator).
+using ExpSumFn = float (*)(float* s, int64_t n, float shift);
 
 // XOR of the 64-bit words of p[0, n) (n % 64 == 0): a read-only pass for measuring bandwidth.
 using ReadFn = uint64_t (*)(const uint8_t* p, int64_t n);
@@ -92,6 +94,7 @@ struct Kernels {
   SiluMulFn silu_mul;
   DotFn dot;
   AxpyFn axpy;
+  ExpSumFn exp_sum;
 };
 
 // Filled by each ISA translation unit (kernels_<isa>.cpp).

@@ -3,6 +3,7 @@
 #include "decode.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -34,7 +35,39 @@ void rope_pairs(float* x, const float* cos, const float* sin, int64_t n) {
   }
 }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Adds the time since the last mark to a phase.
+struct Clock {
+  int64_t* acc;
+  int64_t t = now_ns();
+  void to(int phase) {
+    const int64_t n = now_ns();
+    acc[phase] += n - t;
+    t = n;
+  }
+};
+
 }  // namespace
+
+const char* DecodeStep::phase_name(int p) {
+  static const char* const names[kPhases] = {"norms+glue", "attn projections", "attn core", "router",
+                                             "routed experts", "shared/dense mlp", "head"};
+  return p >= 0 && p < kPhases ? names[p] : "?";
+}
+
+void DecodeStep::profile(int64_t* ns, int64_t* steps) const {
+  std::copy(prof_, prof_ + kPhases, ns);
+  *steps = steps_;
+}
+
+void DecodeStep::reset_profile() {
+  std::fill(prof_, prof_ + kPhases, 0);
+  steps_ = 0;
+}
 
 DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers, const float* out_norm,
                        LinearOp* head, float* c_kv, float* k_pe, const float* cos, const float* sin)
@@ -58,6 +91,7 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
   qabs_.resize(size_t(H * c_.kv_lora));
   s_.resize(size_t(H * c_.ctx));
   lat_.resize(size_t(H * c_.kv_lora));
+  part_.resize(size_t(2 * pool().threads() * H * c_.kv_lora));
   o_.resize(size_t(H * c_.vdim));
   attn_.resize(size_t(c_.hidden));
   f_.resize(size_t(c_.hidden));
@@ -72,7 +106,9 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
 void DecodeStep::attention(int64_t l, int64_t pos) {
   const DecodeLayer& ly = L_[size_t(l)];
   const int64_t H = c_.heads, D = c_.kv_lora, R = c_.rope, qk = c_.nope + c_.rope;
+  Clock clk{prof_};
   rms_norm(x_.data(), ly.attn_norm, a_.data(), c_.hidden, c_.eps);
+  clk.to(kNorms);
   if (ly.q_a) {
     ly.q_a->forward(a_.data(), 1, qa_.data());
     rms_norm(qa_.data(), ly.q_a_norm, qa_.data(), c_.q_lora, c_.eps);
@@ -81,6 +117,7 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
     ly.q_b->forward(a_.data(), 1, q_.data());
   }
   ly.kv_a->forward(a_.data(), 1, kv_.data());
+  clk.to(kAttnProj);
   const float* cs = cos_ + pos * (R / 2);
   const float* sn = sin_ + pos * (R / 2);
   float* cache_c = c_kv_ + (l * c_.ctx) * D;
@@ -94,39 +131,57 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
     rope_pairs(q + c_.nope, cs, sn, R);
     std::copy(q, q + c_.nope, qnope_.data() + h * c_.nope);
   }
+  clk.to(kNorms);
   ly.k_b->forward(qnope_.data(), 1, qabs_.data());  // [H][kv_lora]
+  clk.to(kAttnProj);
 
   // scores, softmax and the latent sum, one task per head (each reads the layer's cache rows 0..pos)
+  // Scores, softmax and the latent sum in three passes over chunks of cache rows, so that each row
+  // (kv_lora + rope floats) is read once per pass for all heads instead of once per head.
   const int64_t n = pos + 1;
   const Kernels& kt = kernels();
   const float scale = c_.attn_scale;
-  auto head_fn = [&](int64_t h, int) {
-    const float* qa = qabs_.data() + h * D;
-    const float* qp = q_.data() + h * qk + c_.nope;
-    float* s = s_.data() + h * c_.ctx;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) {
-      s[t] = (kt.dot(qa, cache_c + t * D, D) + kt.dot(qp, cache_k + t * R, R)) * scale;
-      mx = std::max(mx, s[t]);
-    }
-    float sum = 0.f;
-    for (int64_t t = 0; t < n; ++t) {
-      s[t] = std::exp(s[t] - mx);
-      sum += s[t];
-    }
-    const float inv = 1.f / sum;
-    float* lat = lat_.data() + h * D;
-    std::fill(lat, lat + D, 0.f);
-    for (int64_t t = 0; t < n; ++t) kt.axpy(s[t] * inv, cache_c + t * D, lat, D);
+  ThreadPool& pl = pool();
+  const int64_t rows_per = std::max<int64_t>(16, (n + 2 * pl.threads() - 1) / (2 * pl.threads()));
+  const int64_t nch = (n + rows_per - 1) / rows_per;  // <= 2 * threads (the partial buffers' count)
+  const bool par = n * H * (D + R) >= (int64_t(1) << 15);
+  auto run = [&](int64_t tasks, const ThreadPool::Task& fn) {
+    if (par && tasks > 1) pl.run(tasks, fn);
+    else
+      for (int64_t i = 0; i < tasks; ++i) fn(i, 0);
   };
-  if (n * H * (D + R) < (int64_t(1) << 15)) {
-    for (int64_t h = 0; h < H; ++h) head_fn(h, 0);
-  } else {
-    pool().run(H, head_fn);
+  run(nch, [&](int64_t j, int) {
+    for (int64_t t = j * rows_per; t < std::min(n, (j + 1) * rows_per); ++t) {
+      const float* ct = cache_c + t * D;
+      const float* kt_ = cache_k + t * R;
+      for (int64_t h = 0; h < H; ++h)
+        s_[size_t(h * c_.ctx + t)] =
+            (kt.dot(qabs_.data() + h * D, ct, D) + kt.dot(q_.data() + h * qk + c_.nope, kt_, R)) * scale;
+    }
+  });
+  run(H, [&](int64_t h, int) {
+    float* s = s_.data() + h * c_.ctx;
+    const float mx = *std::max_element(s, s + n);
+    const float inv = 1.f / kt.exp_sum(s, n, mx);
+    for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+  });
+  run(nch, [&](int64_t j, int) {
+    float* part = part_.data() + j * H * D;
+    std::fill(part, part + H * D, 0.f);
+    for (int64_t t = j * rows_per; t < std::min(n, (j + 1) * rows_per); ++t)
+      for (int64_t h = 0; h < H; ++h) kt.axpy(s_[size_t(h * c_.ctx + t)], cache_c + t * D, part + h * D, D);
+  });
+  std::copy(part_.data(), part_.data() + H * D, lat_.data());
+  for (int64_t j = 1; j < nch; ++j) {
+    const float* part = part_.data() + j * H * D;
+    for (int64_t i = 0; i < H * D; ++i) lat_[size_t(i)] += part[i];
   }
+  clk.to(kAttnCore);
   ly.v_b->forward(lat_.data(), 1, o_.data());  // [H][vdim]
   ly.o->forward(o_.data(), 1, attn_.data());
+  clk.to(kAttnProj);
   for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += attn_[size_t(i)];
+  clk.to(kNorms);
 }
 
 void DecodeStep::route(int64_t layer, const float* f, int64_t* idx, float* w) {
@@ -199,22 +254,31 @@ void DecodeStep::forward(const float* x, int64_t pos, float* logits) {
   for (int64_t l = 0; l < c_.layers; ++l) {
     const DecodeLayer& ly = L_[size_t(l)];
     attention(l, pos);
+    Clock clk{prof_};
     rms_norm(x_.data(), ly.ffn_norm, f_.data(), c_.hidden, c_.eps);
+    clk.to(kNorms);
     if (ly.mlp) {
       ly.mlp->forward(f_.data(), 1, &zero, &one, 1, ffn_.data());
-      for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += ffn_[size_t(i)];
+      clk.to(kShared);
     } else {
       route(l, f_.data(), idx_.data(), w_.data());
+      clk.to(kRouter);
       ly.experts->forward(f_.data(), 1, idx_.data(), w_.data(), c_.topk, ffn_.data());
+      clk.to(kExperts);
       if (ly.shared) {
         ly.shared->forward(f_.data(), 1, &zero, &one, 1, sh_.data());
         for (int64_t i = 0; i < c_.hidden; ++i) ffn_[size_t(i)] += sh_[size_t(i)];
+        clk.to(kShared);
       }
-      for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += ffn_[size_t(i)];
     }
+    for (int64_t i = 0; i < c_.hidden; ++i) x_[size_t(i)] += ffn_[size_t(i)];
+    clk.to(kNorms);
   }
+  Clock clk{prof_};
   rms_norm(x_.data(), out_norm_, a_.data(), c_.hidden, c_.eps);
   head_->forward(a_.data(), 1, logits);
+  clk.to(kHead);
+  ++steps_;
 }
 
 }  // namespace ktpack

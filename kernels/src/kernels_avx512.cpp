@@ -110,6 +110,48 @@ void silu_mul_v(const float* g, const float* u, float* h, int64_t n) {
   for (; i < n; ++i) h[i] = g[i] / (1.f + __builtin_expf(-g[i])) * u[i];
 }
 
+float dot_v(const float* a, const float* b, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), a1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+void axpy_v(float a, const float* x, float* y, int64_t n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  if (i < n) {
+    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+float exp_sum_v(float* s, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), sh));
+    _mm512_storeu_ps(s + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (i < n) {
+    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), sh));
+    _mm512_mask_storeu_ps(s + i, m, e);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 // ------------------------------------------------------------------------------------------------
 // ggml K-quants. Activation codes of one 256-block are loaded once per token and reused by the 8
 // rows of the group; each row's codes are unpacked once and reused by the MT tokens.
@@ -662,6 +704,9 @@ void fill_kernels_avx512(Kernels* k) {
   k->name = "avx512";
   fill_generic(k);
   k->silu_mul = silu_mul_v;
+  k->exp_sum = exp_sum_v;
+  k->dot = dot_v;
+  k->axpy = axpy_v;
   k->read = read_zmm;
   k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
