@@ -83,6 +83,15 @@ using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);  // y += 
 // s[i] = exp(s[i] - shift) for i < n; returns the sum (softmax's denominator).
 using ExpSumFn = float (*)(float* s, int64_t n, float shift);
 
+// MLA decode attention over the latent cache, rows t0..t1-1 of it (c: [t][D], kr: [t][R]), all H heads:
+//   scores: s[h * lds + t] = scale * (q[h * ldq + 0..D) · c[t] + qr[h * ldqr + 0..R) · kr[t])
+//   values: out[h * D + d] += sum_t p[h * ldp + t] * c[t * D + d]
+using AttnScoresFn = void (*)(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const float* c,
+                              int64_t D, const float* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s,
+                              int64_t lds);
+using AttnValuesFn = void (*)(const float* p, int64_t ldp, int64_t H, const float* c, int64_t D, int64_t t0,
+                              int64_t t1, float* out);
+
 // XOR of the 64-bit words of p[0, n) (n % 64 == 0): a read-only pass for measuring bandwidth.
 using ReadFn = uint64_t (*)(const uint8_t* p, int64_t n);
 
@@ -95,6 +104,8 @@ struct Kernels {
   DotFn dot;
   AxpyFn axpy;
   ExpSumFn exp_sum;
+  AttnScoresFn attn_scores;
+  AttnValuesFn attn_values;
 };
 
 // Filled by each ISA translation unit (kernels_<isa>.cpp).

@@ -151,13 +151,8 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
       for (int64_t i = 0; i < tasks; ++i) fn(i, 0);
   };
   run(nch, [&](int64_t j, int) {
-    for (int64_t t = j * rows_per; t < std::min(n, (j + 1) * rows_per); ++t) {
-      const float* ct = cache_c + t * D;
-      const float* kt_ = cache_k + t * R;
-      for (int64_t h = 0; h < H; ++h)
-        s_[size_t(h * c_.ctx + t)] =
-            (kt.dot(qabs_.data() + h * D, ct, D) + kt.dot(q_.data() + h * qk + c_.nope, kt_, R)) * scale;
-    }
+    kt.attn_scores(qabs_.data(), D, q_.data() + c_.nope, qk, H, cache_c, D, cache_k, R, j * rows_per,
+                   std::min(n, (j + 1) * rows_per), scale, s_.data(), c_.ctx);
   });
   run(H, [&](int64_t h, int) {
     float* s = s_.data() + h * c_.ctx;
@@ -168,8 +163,7 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
   run(nch, [&](int64_t j, int) {
     float* part = part_.data() + j * H * D;
     std::fill(part, part + H * D, 0.f);
-    for (int64_t t = j * rows_per; t < std::min(n, (j + 1) * rows_per); ++t)
-      for (int64_t h = 0; h < H; ++h) kt.axpy(s_[size_t(h * c_.ctx + t)], cache_c + t * D, part + h * D, D);
+    kt.attn_values(s_.data(), c_.ctx, H, cache_c, D, j * rows_per, std::min(n, (j + 1) * rows_per), part);
   });
   std::copy(part_.data(), part_.data() + H * D, lat_.data());
   for (int64_t j = 1; j < nch; ++j) {

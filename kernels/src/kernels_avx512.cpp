@@ -136,6 +136,94 @@ void axpy_v(float a, const float* x, float* y, int64_t n) {
   }
 }
 
+// Attention over the latent cache in register blocks: NH heads x NT cache rows of dot products share
+// each loaded vector (scores), NH heads x 64 values of the latent sum stay in registers over the rows
+// (values), instead of one dot / axpy call per (head, row).
+template <int NH, int NT>
+void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, const float* c, int64_t D,
+                  const float* kr, int64_t R, int64_t t, float scale, float* s, int64_t lds) {
+  __m512 acc[NH][NT];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 cv[NT];
+    for (int j = 0; j < NT; ++j) cv[j] = _mm512_loadu_ps(c + (t + j) * D + d);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 qv = _mm512_loadu_ps(q + h * ldq + d);
+      for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_fmadd_ps(qv, cv[j], acc[h][j]);
+    }
+  }
+  for (int64_t d = 0; d < R; d += 16) {
+    __m512 cv[NT];
+    for (int j = 0; j < NT; ++j) cv[j] = _mm512_loadu_ps(kr + (t + j) * R + d);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 qv = _mm512_loadu_ps(qr + h * ldqr + d);
+      for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_fmadd_ps(qv, cv[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NT; ++j) s[h * lds + t + j] = _mm512_reduce_add_ps(acc[h][j]) * scale;
+}
+
+void attn_scores_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const float* c, int64_t D,
+                   const float* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s, int64_t lds) {
+  if (D % 16 || R % 16) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        s[h * lds + t] = (dot_v(q + h * ldq, c + t * D, D) + dot_v(qr + h * ldqr, kr + t * R, R)) * scale;
+    return;
+  }
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    const float *qh = q + h * ldq, *qrh = qr + h * ldqr;
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) scores_block<4, 4>(qh, ldq, qrh, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
+    for (; t < t1; ++t) scores_block<4, 1>(qh, ldq, qrh, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
+  }
+  for (; h < H; ++h)
+    for (int64_t t = t0; t < t1; ++t)
+      scores_block<1, 1>(q + h * ldq, ldq, qr + h * ldqr, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
+}
+
+template <int NH>
+void values_block(const float* p, int64_t ldp, const float* c, int64_t D, int64_t d, int64_t t0, int64_t t1,
+                  float* out) {
+  __m512 acc[NH][4];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < 4; ++j) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* ct = c + t * D + d;
+    const __m512 c0 = _mm512_loadu_ps(ct), c1 = _mm512_loadu_ps(ct + 16), c2 = _mm512_loadu_ps(ct + 32),
+                 c3 = _mm512_loadu_ps(ct + 48);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 pv = _mm512_set1_ps(p[h * ldp + t]);
+      acc[h][0] = _mm512_fmadd_ps(pv, c0, acc[h][0]);
+      acc[h][1] = _mm512_fmadd_ps(pv, c1, acc[h][1]);
+      acc[h][2] = _mm512_fmadd_ps(pv, c2, acc[h][2]);
+      acc[h][3] = _mm512_fmadd_ps(pv, c3, acc[h][3]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < 4; ++j) {
+      float* o = out + h * D + d + 16 * j;
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[h][j]));
+    }
+}
+
+void attn_values_v(const float* p, int64_t ldp, int64_t H, const float* c, int64_t D, int64_t t0, int64_t t1,
+                   float* out) {
+  if (D % 64) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t h = 0; h < H; ++h) axpy_v(p[h * ldp + t], c + t * D, out + h * D, D);
+    return;
+  }
+  for (int64_t d = 0; d < D; d += 64) {
+    int64_t h = 0;
+    for (; h + 4 <= H; h += 4) values_block<4>(p + h * ldp, ldp, c, D, d, t0, t1, out + h * D);
+    for (; h < H; ++h) values_block<1>(p + h * ldp, ldp, c, D, d, t0, t1, out + h * D);
+  }
+}
+
 float exp_sum_v(float* s, int64_t n, float shift) {
   const __m512 sh = _mm512_set1_ps(shift);
   __m512 acc = _mm512_setzero_ps();
@@ -727,6 +815,8 @@ void fill_kernels_avx512(Kernels* k) {
   k->exp_sum = exp_sum_v;
   k->dot = dot_v;
   k->axpy = axpy_v;
+  k->attn_scores = attn_scores_v;
+  k->attn_values = attn_values_v;
   k->read = read_zmm;
   k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
