@@ -148,7 +148,7 @@ class Engine:
         out = []
         t = torch.tensor(list(ids), dtype=torch.long)
         for s in range(0, len(ids), self.prefill_chunk):
-            logits = self.model.forward(t[s : s + self.prefill_chunk], s, self.cache)
+            logits = self.model.forward(t[s : s + self.prefill_chunk], s, self.cache, last_only=not all_logits)
             out.append((logits if all_logits else logits[-1:]).cpu())
         return torch.cat(out) if all_logits else out[-1][-1]
 

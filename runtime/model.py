@@ -205,9 +205,11 @@ class DeepseekV3Model:
         return KVCache(self.config, ctx_size, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits [T, vocab] (f32) for `ids` at positions start_pos..start_pos+T-1, which are
-        written into `cache`; attention is causal over positions 0..start_pos+T-1."""
+        written into `cache`; attention is causal over positions 0..start_pos+T-1. With `last_only`,
+        only the last position's logits [1, vocab] (the output head is the largest single matrix:
+        prefill for generation needs one row of it, not T)."""
         ids = ids.reshape(-1)
         t = ids.shape[0]
         end = start_pos + t
@@ -216,14 +218,19 @@ class DeepseekV3Model:
         pos = cache.positions[start_pos:end]
         kv_len = cache.ctx_size if self.static_kv else end
         x = self.pack.embedding(ids.cpu()).to(self.device)
-        return self.forward_hidden(x, pos, kv_len, cache)
+        return self.forward_hidden(x, pos, kv_len, cache, last_only)
 
-    def forward_hidden(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache) -> torch.Tensor:
-        """Logits [T, vocab] for embedded tokens `x` [T, hidden] at positions `pos` [T] (a tensor on the
-        model's device), attending over cache positions 0..kv_len-1 (later ones masked). No bounds
-        checks and no host synchronisation on a GPU (the decode step captures this)."""
+    def forward_hidden(
+        self, x: torch.Tensor, pos: torch.Tensor, kv_len: int, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab] with `last_only`) for embedded tokens `x` [T, hidden] at
+        positions `pos` [T] (a tensor on the model's device), attending over cache positions 0..kv_len-1
+        (later ones masked). No bounds checks and no host synchronisation on a GPU (the decode step
+        captures this)."""
         for b in self.blocks:
             x = b(x, pos, kv_len, cache)
+        if last_only:
+            x = x[-1:]
         return linear(self.head, rms_norm(x, self.norm, self.config.rms_norm_eps))
 
     __call__ = forward
