@@ -25,10 +25,13 @@ Error bound (both the emulation and the GPU, elementwise; S[m, n] = Î£_k |x_mk|Â
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -351,3 +354,137 @@ def test_cuda_ops_explains_when_unavailable():
         pytest.skip("this machine can build the CUDA kernels")
     with pytest.raises(cuda_ops.CudaUnavailable, match="unavailable: "):
         cuda_ops.load()
+
+
+# ------------------------------------------------------------------------------------------------ bench_marlin.py
+
+BENCH_MARLIN = ROOT / "scripts" / "bench_marlin.py"
+
+
+@pytest.fixture(scope="module")
+def bench_marlin():
+    """scripts/bench_marlin.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_marlin", BENCH_MARLIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_marlin_without_cuda_exits_2(tmp_path):
+    """With CUDA hidden the benchmark names what is missing on one line and exits 2, writing nothing."""
+    out = tmp_path / "marlin.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, str(BENCH_MARLIN), "--json", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("bench_marlin: CUDA unavailable: ")
+    assert "CPU-only build" in line or "no CUDA device is visible" in line, line
+    assert not out.exists()
+
+
+def test_bench_marlin_shapes_and_bound_are_the_tests(bench_marlin):
+    """The benchmark's shape list and accuracy bound are this file's (it may not import tests/)."""
+    b = bench_marlin
+    assert {name: (n, k) for name, (c, n, k) in b.SHAPES.items() if c == 1} == DEEPSEEK_SHAPES
+    assert {name: (c, n, k) for name, (c, n, k) in b.SHAPES.items() if c > 1} == {
+        "attn_k_b": (128, 512, 128),  # test_marlin_gemm_stacked_heads
+        "attn_v_b": (128, 128, 512),
+    }
+    assert b.M_VALUES == M_VALUES and b.check_heads(128) == list(range(0, 128, 31))
+    assert b.U_ACT == {"fp16": U_ACT["f16"], "bf16": U_ACT["bf16"]} and b.U_ACC == U_ACC
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal((4, 64)) * 10
+    s = np.abs(ref) + rng.uniform(0, 5, (4, 64))
+    for k, group in [(7168, 128), (512, -1), (18432, 64), (128, 32)]:
+        assert b.accumulation_depth(k, group) == accumulation_depth(k, group)
+        for u, tiny in [(U_ACT["f16"], 2.0**-24), (U_ACT["bf16"], 0.0)]:
+            assert np.array_equal(b.bound(ref, s, k, group, u, u, tiny), bound(ref, s, k, group, u, u, tiny))
+
+
+def test_bench_marlin_arithmetic(bench_marlin):
+    """Bytes, GB/s, TFLOP/s, speedup and copy share on q_a (N 1536, K 7168, group 128) at M = 16."""
+    b = bench_marlin
+    _, n, k = b.SHAPES["q_a"]
+    qweight, scales = (k // 16) * (2 * n) * 4, (k // 128) * n * 2  # int32 [448, 3072], fp16 [56, 1536]
+    assert b.marlin_bytes(n, k, 128) == qweight + scales == 5_505_024 + 172_032
+    assert b.marlin_bytes(n, k, -1) == 5_505_024 + n * 2
+    assert b.dense_bytes(n, k) == 1536 * 7168 * 2 == 22_020_096
+    assert b.gemm_flops(16, n, k) == 352_321_536
+    assert b.marlin_bytes(128, 512, 128, count=128) == 128 * (32 * 256 * 4 + 4 * 128 * 2)
+    f = b.figures(5_677_056, 352_321_536, 10e-6, 40e-6, 4000.0)
+    assert f["us"] == pytest.approx(10.0) and f["gb_s"] == pytest.approx(567.7056)
+    assert f["tflop_s"] == pytest.approx(35.2321536) and f["speedup"] == pytest.approx(4.0)
+    assert f["copy_frac"] == pytest.approx(567.7056 / 4000)
+    assert b.copy_gb_s(1 << 30, 0.5e-3) == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)
+    row = dict(f, label=b.shape_label("q_a", 1, n, k), m=16, dtype="bf16", kernel="mma", err_bound=0.25)
+    head, line = b.table([row]).splitlines()
+    assert head.split() == ["shape", "M", "dtype", "kernel", "us", "GB/s", "TFLOP/s", "speedup", "%copy", "err/bound"]
+    assert line.split() == ["q_a", "1536x7168", "16", "bf16", "mma", "10.0", "568", "35.23", "4.00", "14.2", "0.250"]
+    assert b.format_row(dict(row, err_bound=None)).split()[-1] == "-"
+    # weights rotated past 3x the L2 (50 MiB), batches of whole rounds about 200 us long
+    assert b.rotation(5_677_056, 50 << 20) == 28 and b.rotation(463_000_000, 50 << 20) == 1
+    assert b.rotation(1 << 20, 50 << 20) == 64 and b.rotation(1 << 20, 0) == 1
+    assert b.batch_calls(28, 5e-6) == 28 and b.batch_calls(1, 5e-6) == 40 and b.batch_calls(3, 1e-3) == 3
+    cols = b.check_columns(129280, 4096)
+    assert len(cols) == 4096 and cols[0] == 0 and cols[-1] == 129279 and (np.diff(cols) > 0).all()
+    assert b.check_columns(7168, 0) is None and b.check_columns(576, 4096) is None
+
+
+PACK_CASES = [(1, 192, 256, 64), (2, 128, 384, -1), (1, 320, 256, 128), (3, 64, 128, 32)]  # count, N, K, group
+
+
+@pytest.mark.parametrize("count,n,k,group", PACK_CASES)
+def test_bench_marlin_packs_like_layouts(bench_marlin, count, n, k, group):
+    """The benchmark packs on the GPU with a torch port of layouts/marlin.py (here on the CPU, in N-chunks):
+    equal bit for bit; its dense weights equal layouts/marlin.py's dequantize exactly in bf16 and fp16."""
+    b = bench_marlin
+    q, s = b.random_weights(count, n, k, group, torch.Generator().manual_seed(count * n + k))
+    qw, sc = b.pack_on_device(q, s, group, chunk_elems=64 * k * count)  # one 64-column block per chunk
+    want_qw, want_sc = marlin.pack_quantized(q.numpy(), s.numpy(), group)
+    assert qw.dtype == torch.int32 and np.array_equal(qw.numpy(), want_qw)
+    assert sc.dtype == torch.float16 and np.array_equal(sc.numpy(), want_sc)
+    w = torch.from_numpy(marlin.dequantize(want_qw, want_sc, (count, n, k), group))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(b.dequantize_on_device(q, s, group, dt, chunk_elems=5 * k * count).float(), w)
+    cols = np.array([0, 5, n - 1])
+    assert torch.equal(b.dequantize_on_device(q, s, group, torch.float32, cols), w[..., cols, :])
+
+
+def test_bench_marlin_dry_run_on_the_cpu(tmp_path):
+    """The measuring code on the CPU with layouts/marlin.py's dequantize standing in for the kernel: one row per
+    GEMM, each within the bound, JSON with every figure."""
+    out = tmp_path / "marlin.json"
+    cmd = [sys.executable, str(BENCH_MARLIN), "--device", "cpu", "--shapes", "attn_v_b", "kv_a_mqa", "--m", "1", "16",
+           "--reps", "2", "--warmup", "0", "--copy-mib", "16", "--check-cols", "256", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:4] == ["shape", "M", "dtype", "kernel"] and lines[-1].startswith("every Marlin result")
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert len(rows) == len(lines) - 3 == 2 * 2 * 2 * 4 and doc["failures"] == [] and doc["copy_gb_s"] > 0
+    for row in rows:
+        assert row["kernel"] in ("dense", "auto", "simt", "mma") and row["mode"] == "cpu" and len(row["times_us"]) == 2
+        assert 0 < row["err_bound"] <= 1 and row["us"] > 0 and row["gb_s"] > 0
+    assert {(r["shape"], r["m"], r["dtype"]) for r in rows} == {
+        (s, m, d) for s in ("attn_v_b", "kv_a_mqa") for m in (1, 16) for d in ("bf16", "fp16")
+    }
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bench_marlin_on_gpu(tmp_path):
+    """scripts/bench_marlin.py on a few shapes: CUDA-graph batches, every kernel within the bound."""
+    out = tmp_path / "marlin.json"
+    cmd = [sys.executable, str(BENCH_MARLIN), "--shapes", "kv_a_mqa", "attn_k_b", "o_proj", "--m", "1", "64",
+           "--reps", "3", "--warmup", "1", "--copy-mib", "512", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    print("\n" + r.stdout)
+    doc = json.loads(out.read_text())
+    assert len(doc["rows"]) == 3 * 2 * 2 * 4 and doc["failures"] == [] and doc["copy_gb_s"] > 0
+    for row in doc["rows"]:
+        assert row["mode"] == "graph" and row["us"] > 0 and row["err_bound"] is not None
+        assert row["copies"] == 64 or row["copies"] * row["weight_bytes"] >= 3 * doc["l2_bytes"]
+        if row["kernel"] != "dense":
+            assert row["err_bound"] <= 1
