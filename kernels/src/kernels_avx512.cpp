@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 #include "engine.h"
 
@@ -355,6 +356,54 @@ void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, floa
     }
 }
 
+// Prefill (MT tokens): one row at a time, its accumulators for MT tokens in registers across all K
+// blocks, each block unpacked once and used by the MT tokens (the group kernel above keeps 8 rows x MT
+// tokens of accumulators, more than the 32 vector registers hold, so they live on the stack).
+// `xo` holds the MT tokens' codes (rows of w.k) already in the order the unpacked weights use, then
+// per token and block 32 bytes of activation sums (reorder_codes).
+template <int MT, int BB, typename Unpack>
+void kquant_rows(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float* y, int64_t ldy, Unpack unpack,
+                 const int8_t* xo) {
+  const int64_t nb = w.k / 256;
+  const uint8_t* base = w.data + g0 * nb * BB;
+  const int8_t* xq[MT];
+  const float* xd[MT];
+  for (int t = 0; t < MT; ++t) {
+    xq[t] = xo + t * w.k;
+    xd[t] = a.d + a.row(r0 + t) * (a.k / 256);
+  }
+  for (int i = 0; i < rg; ++i) {
+    __m512 accf[MT];
+    __m128 off[MT];
+    for (int t = 0; t < MT; ++t) accf[t] = _mm512_setzero_ps(), off[t] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      KBlock kb;
+      unpack(base + (b * rg + i) * BB, &kb);
+      for (int t = 0; t < MT; ++t) {
+        const int8_t* xb = xq[t] + 256 * b;
+        __m512i acc = _mm512_madd_epi16(_mm512_maddubs_epi16(kb.w[0], _mm512_loadu_si512(xb)), kb.sc[0]);
+        for (int q = 1; q < 4; ++q)
+          acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(kb.w[q], _mm512_loadu_si512(xb + 64 * q)), kb.sc[q]);
+        const float dx = xd[t][b];
+        const int8_t* sums = xo + MT * w.k + (t * nb + b) * 32;  // reorder_codes' per-block sums
+        if constexpr (BB == 210) {
+          acc = _mm512_dpwssd_epi32(acc, kb.off6, _mm512_zextsi256_si512(_mm256_load_si256((const __m256i*)sums)));
+        } else {
+          const __m128i s32 = _mm_load_si128((const __m128i*)sums);
+          const __m128 mm = _mm_cvtepi32_ps(_mm_madd_epi16(kb.mins, s32));
+          off[t] = _mm_fmadd_ps(mm, _mm_set1_ps(kb.dmin * dx), off[t]);
+        }
+        accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(kb.d * dx), accf[t]);
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      __m128 o = _mm_add_ps(off[t], _mm_movehl_ps(off[t], off[t]));
+      o = _mm_add_ss(o, _mm_movehdup_ps(o));
+      y[(r0 + t) * ldy + g0 + i] = _mm512_reduce_add_ps(accf[t]) - _mm_cvtss_f32(o);
+    }
+  }
+}
+
 // Q4_K / Q5_K: code vectors hold sub-blocks (0|2), (1|3), (4|6), (5|7) (low/high nibbles of the
 // 32-byte qs chunks), so the activations are loaded in that order.
 inline void xload_k4(const int8_t* xq, __m512i* xa) {
@@ -429,34 +478,86 @@ void unpack_q6k(const uint8_t* blk, KBlock* kb) {
   kb->dmin = 0.f;
 }
 
+// A per-thread buffer for the prefill kernels' reordered activation codes (grown with malloc: a large
+// thread_local array in a dlopen'ed module would not fit the static TLS block).
+int8_t* x_scratch(int64_t bytes) {
+  static thread_local int8_t* buf = nullptr;
+  static thread_local int64_t cap = 0;
+  if (bytes > cap) {
+    std::free(buf);
+    cap = (bytes + 4095) / 4096 * 4096;
+    buf = static_cast<int8_t*>(std::aligned_alloc(64, size_t(cap)));
+  }
+  return buf;
+}
+
+// Codes of MT tokens, each row of K values, into `out` in the order `xload` gives (one pass per block of
+// tokens, shared by every row of the task), followed by 32 bytes per token and 256-block: the 16 sums of
+// 16 codes as int16 (Q6_K's offset term) or the 8 sums of 32 as int16 (the K4 mins term).
+// K: the weights' row length (a view's activation rows may be longer: a.k is their stride).
+template <int MT, bool Q6, typename Xload>
+void reorder_codes(const QAct& a, int64_t K, int r0, Xload xload, int8_t* out) {
+  const int64_t nb = K / 256;
+  for (int t = 0; t < MT; ++t) {
+    const int64_t ar = a.row(r0 + t);
+    const int8_t* xq = a.q + ar * a.k;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i x[4];
+      xload(xq + 256 * b, x);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(out + t * K + 256 * b + 64 * q, x[q]);
+      const __m512i s16 = _mm512_loadu_si512(a.s16 + ar * (a.k / 16) + 16 * b);
+      int8_t* sums = out + MT * K + (t * nb + b) * 32;
+      if constexpr (Q6) {
+        _mm256_store_si256((__m256i*)sums, _mm512_cvtepi32_epi16(s16));
+      } else {
+        _mm_store_si128((__m128i*)sums, _mm512_cvtepi64_epi16(_mm512_add_epi32(s16, _mm512_srli_epi64(s16, 32))));
+        _mm_store_si128((__m128i*)(sums + 16), _mm_setzero_si128());
+      }
+    }
+  }
+}
+
 template <int BB>
 void kquant_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
-    const int rg = int(imin64(w.rows, w.n - g0));
-    if (rg > 8) {  // the interleave the kernels are written for is 8 rows
+  // Lambdas (one type each) rather than function pointers, so the unpackers are inlined.
+  const auto u4 = [](const uint8_t* b, KBlock* k) { unpack_q4k(b, k); };
+  const auto u5 = [](const uint8_t* b, KBlock* k) { unpack_q5k(b, k); };
+  const auto u6 = [](const uint8_t* b, KBlock* k) { unpack_q6k(b, k); };
+  const auto xk4 = [](const int8_t* x, __m512i* xa) { xload_k4(x, xa); };
+  const auto xnat = [](const int8_t* x, __m512i* xa) { xload_natural(x, xa); };
+  if (w.rows > 8) {  // the interleave the kernels are written for is 8 rows
+    for (int64_t g0 = n0; g0 < n1; g0 += w.rows)
       for (int r = 0; r < a.m; ++r)
         for (int64_t n = g0; n < imin64(g0 + w.rows, n1); ++n)
           y[r * ldy + n] = BB == 144   ? row_q4_k(w, n, a, a.row(r))
                            : BB == 176 ? row_q5_k(w, n, a, a.row(r))
                                        : row_q6_k(w, n, a, a.row(r));
-      continue;
+    return;
+  }
+  // prefill: blocks of 8 (then 4) tokens, codes reordered once per block, then every row group
+  int r = 0;
+  auto tokens = [&](auto mt) {
+    constexpr int MT = decltype(mt)::value;
+    int8_t* xo = x_scratch(MT * w.k + MT * (w.k / 256) * 32);
+    if constexpr (BB == 210) reorder_codes<MT, true>(a, w.k, r, xnat, xo);
+    else reorder_codes<MT, false>(a, w.k, r, xk4, xo);
+    for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
+      const int rg = int(imin64(w.rows, w.n - g0));
+      if constexpr (BB == 144) kquant_rows<MT, 144>(w, a, g0, rg, r, y, ldy, u4, xo);
+      else if constexpr (BB == 176) kquant_rows<MT, 176>(w, a, g0, rg, r, y, ldy, u5, xo);
+      else kquant_rows<MT, 210>(w, a, g0, rg, r, y, ldy, u6, xo);
     }
-    // Lambdas (one type each) rather than function pointers, so the unpackers are inlined.
-    const auto u4 = [](const uint8_t* b, KBlock* k) { unpack_q4k(b, k); };
-    const auto u5 = [](const uint8_t* b, KBlock* k) { unpack_q5k(b, k); };
-    const auto u6 = [](const uint8_t* b, KBlock* k) { unpack_q6k(b, k); };
-    const auto xk4 = [](const int8_t* x, __m512i* xa) { xload_k4(x, xa); };
-    const auto xnat = [](const int8_t* x, __m512i* xa) { xload_natural(x, xa); };
-    int r = 0;
-    if constexpr (BB == 144) {
-      for (; r + 4 <= a.m; r += 4) kquant_group<4, 144>(w, a, g0, rg, r, y, ldy, u4, xk4);
-      for (; r < a.m; ++r) kquant_group<1, 144>(w, a, g0, rg, r, y, ldy, u4, xk4);
-    } else if constexpr (BB == 176) {
-      for (; r + 4 <= a.m; r += 4) kquant_group<4, 176>(w, a, g0, rg, r, y, ldy, u5, xk4);
-      for (; r < a.m; ++r) kquant_group<1, 176>(w, a, g0, rg, r, y, ldy, u5, xk4);
-    } else {
-      for (; r + 4 <= a.m; r += 4) kquant_group<4, 210>(w, a, g0, rg, r, y, ldy, u6, xnat);
-      for (; r < a.m; ++r) kquant_group<1, 210>(w, a, g0, rg, r, y, ldy, u6, xnat);
+    r += MT;
+  };
+  while (r + 8 <= a.m) tokens(std::integral_constant<int, 8>());
+  while (r + 4 <= a.m) tokens(std::integral_constant<int, 4>());
+  // decode and the last tokens: the 8-row group kernel (one token, prefetching)
+  for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
+    const int rg = int(imin64(w.rows, w.n - g0));
+    for (int rr = r; rr < a.m; ++rr) {
+      if constexpr (BB == 144) kquant_group<1, 144>(w, a, g0, rg, rr, y, ldy, u4, xk4);
+      else if constexpr (BB == 176) kquant_group<1, 176>(w, a, g0, rg, rr, y, ldy, u5, xk4);
+      else kquant_group<1, 210>(w, a, g0, rg, rr, y, ldy, u6, xnat);
     }
   }
 }
