@@ -265,15 +265,21 @@ def _venv_tool(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
-def convert(src: Path, out: Path, kt_convert: str) -> dict[str, Any]:
+def packed_dir(work: Path, src: Path, cpu_layout: str | None) -> Path:
+    return work / (f"{src.stem}.{cpu_layout}.ktpack" if cpu_layout else f"{src.stem}.ktpack")
+
+
+def convert(src: Path, out: Path, kt_convert: str, cpu_layout: str | None = None) -> dict[str, Any]:
     manifest = out / "manifest.json"
     if manifest.exists() and manifest.stat().st_mtime > src.stat().st_mtime:
         log(f"reusing {out}")
-        return {"reused": True}
+        return {"reused": True, "cpu_layout": cpu_layout or "ggml"}
     log(f"converting {src} -> {out}")
     t0 = time.perf_counter()
-    subprocess.run([kt_convert, str(src), "-o", str(out), "--target", "cpu", "--force", "-q"], check=True)
-    return {"reused": False, "convert_s": round(time.perf_counter() - t0, 1)}
+    cmd = [kt_convert, str(src), "-o", str(out), "--target", "cpu", "--force", "-q"]
+    cmd += ["--cpu-layout", cpu_layout] if cpu_layout else []
+    subprocess.run(cmd, check=True)
+    return {"reused": False, "convert_s": round(time.perf_counter() - t0, 1), "cpu_layout": cpu_layout or "ggml"}
 
 
 def ktpack_once(kt_run: str, packed: Path, ids_npy: Path, threads: int, n_gen: int, work: Path, timeout: float):
@@ -500,9 +506,9 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
     reps = Reps(args.quiet, args.quiet_timeout, args.max_discards)
     eng = res["engines"]
     if "ktpack" in args.engines:
-        packed = args.work / f"{src.stem}.ktpack"
+        packed = packed_dir(args.work, src, args.cpu_layout)
         try:
-            conv = convert(src, packed, args.kt_convert)
+            conv = convert(src, packed, args.kt_convert, args.cpu_layout)
             r = reps.run(
                 lambda: ktpack_once(args.kt_run, packed, ids_npy, args.threads, args.n_gen, work, args.timeout),
                 args.reps,
@@ -541,7 +547,7 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
     res["teacher_forced"] = None
     if kt_ids and ll_ids:
         try:
-            packed = args.work / f"{src.stem}.ktpack"
+            packed = packed_dir(args.work, src, args.cpu_layout)
             res["teacher_forced"] = teacher_forced(args.kt_run, packed, ids, ll_ids, args.threads, work, args.timeout)
         except (subprocess.SubprocessError, RuntimeError, OSError, ValueError) as e:
             log(f"teacher-forced agreement on {src.name} failed: {e}")
@@ -662,6 +668,11 @@ def main() -> None:
     ap.add_argument(
         "--ik-args", default=IK_DEFAULT_ARGS, help=f"extra llama-bench options (default: {IK_DEFAULT_ARGS})"
     )
+    ap.add_argument(
+        "--cpu-layout",
+        help="kt-convert --cpu-layout for ktpack's pack (default: the converter's, ggml: the GGUF blocks as they "
+        "are; amx-int4 etc. re-quantize, so ktpack then runs different weights than the peers)",
+    )
     ap.add_argument("--kt-run", default=_venv_tool("kt-run"))
     ap.add_argument("--kt-convert", default=_venv_tool("kt-convert"))
     ap.add_argument("--reps", type=int, default=3)
@@ -714,9 +725,11 @@ def main() -> None:
         "n_gen": args.n_gen,
         "bandwidth": bw,
         "quiet_threshold_cores": args.quiet,
+        "ktpack_cpu_layout": args.cpu_layout or "ggml",
         "results": results,
     }
     print(table(results))
+    print(f"\nktpack's CPU layout: {args.cpu_layout or 'ggml (the GGUF blocks as they are: the same weights as the peers)'}")
     print(f"\nthreads {args.threads}; read bandwidth {bw['gb_s']:.1f} GB/s; roofline = decode tok/s / (bandwidth")
     print("/ bytes per decode step); agree = leading greedy tokens equal in ktpack and llama.cpp (tf: steps where")
     print("ktpack's argmax is llama.cpp's token, fed llama.cpp's prefix); * = noisy reps kept")
