@@ -729,7 +729,8 @@ def main() -> None:
         "results": results,
     }
     print(table(results))
-    print(f"\nktpack's CPU layout: {args.cpu_layout or 'ggml (the GGUF blocks as they are: the same weights as the peers)'}")
+    same = "ggml (the GGUF blocks as they are: the same weights as the peers)"
+    print(f"\nktpack's CPU layout: {args.cpu_layout or same}")
     print(f"\nthreads {args.threads}; read bandwidth {bw['gb_s']:.1f} GB/s; roofline = decode tok/s / (bandwidth")
     print("/ bytes per decode step); agree = leading greedy tokens equal in ktpack and llama.cpp (tf: steps where")
     print("ktpack's argmax is llama.cpp's token, fed llama.cpp's prefix); * = noisy reps kept")
