@@ -534,23 +534,36 @@ void kquant_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y,
                                        : row_q6_k(w, n, a, a.row(r));
     return;
   }
-  // prefill: blocks of 8 (then 4) tokens, codes reordered once per block, then every row group
-  int r = 0;
-  auto tokens = [&](auto mt) {
-    constexpr int MT = decltype(mt)::value;
-    int8_t* xo = x_scratch(MT * w.k + MT * (w.k / 256) * 32);
-    if constexpr (BB == 210) reorder_codes<MT, true>(a, w.k, r, xnat, xo);
-    else reorder_codes<MT, false>(a, w.k, r, xk4, xo);
-    for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
-      const int rg = int(imin64(w.rows, w.n - g0));
-      if constexpr (BB == 144) kquant_rows<MT, 144>(w, a, g0, rg, r, y, ldy, u4, xo);
-      else if constexpr (BB == 176) kquant_rows<MT, 176>(w, a, g0, rg, r, y, ldy, u5, xo);
-      else kquant_rows<MT, 210>(w, a, g0, rg, r, y, ldy, u6, xo);
+  // prefill: blocks of 8 (then 4) tokens. Every block's codes are reordered once per call (task) into
+  // the per-thread buffer; then row group by row group (a group's weights stay in L1/L2 while every token
+  // block uses them: weights are read from memory once per task, not once per token block).
+  const int64_t per_tok = w.k + (w.k / 256) * 32;
+  const int m8 = a.m / 8 * 8, m4 = m8 + (a.m - m8) / 4 * 4;
+  int8_t* xo = m4 ? x_scratch(m4 * per_tok) : nullptr;
+  for (int r = 0; r < m4; r += r < m8 ? 8 : 4) {
+    int8_t* seg = xo + r * per_tok;
+    if (r < m8) {
+      if constexpr (BB == 210) reorder_codes<8, true>(a, w.k, r, xnat, seg);
+      else reorder_codes<8, false>(a, w.k, r, xk4, seg);
+    } else {
+      if constexpr (BB == 210) reorder_codes<4, true>(a, w.k, r, xnat, seg);
+      else reorder_codes<4, false>(a, w.k, r, xk4, seg);
     }
-    r += MT;
-  };
-  while (r + 8 <= a.m) tokens(std::integral_constant<int, 8>());
-  while (r + 4 <= a.m) tokens(std::integral_constant<int, 4>());
+  }
+  for (int64_t g0 = n0; g0 < n1 && m4; g0 += w.rows) {
+    const int rg = int(imin64(w.rows, w.n - g0));
+    for (int r = 0; r < m8; r += 8) {
+      if constexpr (BB == 144) kquant_rows<8, 144>(w, a, g0, rg, r, y, ldy, u4, xo + r * per_tok);
+      else if constexpr (BB == 176) kquant_rows<8, 176>(w, a, g0, rg, r, y, ldy, u5, xo + r * per_tok);
+      else kquant_rows<8, 210>(w, a, g0, rg, r, y, ldy, u6, xo + r * per_tok);
+    }
+    if (m4 > m8) {
+      if constexpr (BB == 144) kquant_rows<4, 144>(w, a, g0, rg, m8, y, ldy, u4, xo + m8 * per_tok);
+      else if constexpr (BB == 176) kquant_rows<4, 176>(w, a, g0, rg, m8, y, ldy, u5, xo + m8 * per_tok);
+      else kquant_rows<4, 210>(w, a, g0, rg, m8, y, ldy, u6, xo + m8 * per_tok);
+    }
+  }
+  const int r = m4;
   // decode and the last tokens: the 8-row group kernel (one token, prefetching)
   for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
     const int rg = int(imin64(w.rows, w.n - g0));
