@@ -299,6 +299,7 @@ def ktpack_once(kt_run: str, packed: Path, ids_npy: Path, threads: int, n_gen: i
         "decode_s": s["decode_s"],
         "generated": len(s["output_ids"]),
         "peak_rss_mb": s.get("peak_rss_mb"),
+        "decode_profile": s.get("decode_profile"),  # seconds per phase of the native decode step
         "output_ids": s["output_ids"],
     }
 
