@@ -367,6 +367,8 @@ def llama_worker(spec_path: Path) -> None:
         n_ubatch=spec["n_batch"],
         logits_all=False,
         flash_attn=spec["flash_attn"],
+        type_k=spec.get("kv_type", 1),  # ggml type ids: 0 = F32, 1 = F16 (llama.cpp's default)
+        type_v=spec.get("kv_type", 1),
         verbose=False,
     )
     ctx = llm._ctx.ctx  # llama_context*
@@ -419,6 +421,7 @@ def run_llama(python: str, model: Path, ids: list[int], args: argparse.Namespace
         "max_discards": args.max_discards,
         "extra_bufts": not args.llama_no_repack,
         "flash_attn": args.llama_flash_attn == "on",
+        "kv_type": {"f32": 0, "f16": 1}[args.llama_kv_type],
         "out": str(work / "llama-result.json"),
     }
     sp = work / "llama-spec.json"
@@ -664,6 +667,12 @@ def main() -> None:
         choices=("on", "off"),
         default="on",
         help="llama.cpp's flash attention (default on: what its default `auto` picks on a CPU)",
+    )
+    ap.add_argument(
+        "--llama-kv-type",
+        choices=("f16", "f32"),
+        default="f16",
+        help="llama.cpp's KV cache type (default f16, its own default; ktpack keeps an f32 cache)",
     )
     ap.add_argument("--ik-llama-bench", help="ik_llama.cpp's llama-bench binary")
     ap.add_argument(
