@@ -29,8 +29,8 @@ llama-cpp-python and matplotlib are optional, bench-only imports. They need not 
 (the repo venv has torch, which must not meet llama_cpp's own libggml): `--llama-python` names
 another interpreter that has them, and the llama.cpp side (and the chart) run there in a subprocess:
 
-    python -m venv /work/peers/venv && /work/peers/venv/bin/pip install numpy matplotlib
-    CMAKE_ARGS="-DGGML_NATIVE=ON" /work/peers/venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python
+    python -m venv PEERS/venv && PEERS/venv/bin/pip install numpy matplotlib
+    CMAKE_ARGS="-DGGML_NATIVE=ON" PEERS/venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python
 
 On a CPU with AMX, -march=native also builds ggml's AMX buffer type, and llama.cpp (0.3.36's, as
 mainline issue 18099) then aborts on deepseek2 at context creation (`GGML_ASSERT(*cur_backend_id != -1)`:
@@ -42,13 +42,14 @@ explicit -mno-* flags over -march=native), which keeps the CPU_REPACK kernels:
 
 or run a native build with `--llama-no-repack` (no AMX and no CPU_REPACK: slower).
 
-    python scripts/bench_e2e.py /work/bench/bench-Q8_0.gguf /work/bench/bench-Q4_K_M.gguf \\
-        --llama-python /work/peers/venv/bin/python \\
-        --ik-llama-bench /work/peers/ik_llama.cpp/build/bin/llama-bench \\
+    python scripts/bench_e2e.py BENCH/bench-Q8_0.gguf BENCH/bench-Q4_K_M.gguf \\
+        --llama-python PEERS/venv/bin/python \\
+        --ik-llama-bench PEERS/ik_llama.cpp/build/bin/llama-bench \\
         --json e2e.json --png e2e.png
 
 Only the standard library is imported at module level: the same file is the llama.cpp worker
 (`--llama-worker SPEC.json`) and the chart worker (`--plot-worker RESULTS.json`) in the other venv.
+PEERS and BENCH stand for folders of your choice outside the repository (the peers' builds, the GGUFs).
 """
 
 from __future__ import annotations
@@ -656,7 +657,7 @@ def main() -> None:
     )
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_e2e", help="packed folders, ids")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of: " + ", ".join(ENGINES))
-    ap.add_argument("--llama-python", help="python with llama_cpp (and matplotlib), e.g. /work/peers/venv/bin/python")
+    ap.add_argument("--llama-python", help="python with llama_cpp (and matplotlib), e.g. PEERS/venv/bin/python")
     ap.add_argument(
         "--llama-no-repack",
         action="store_true",

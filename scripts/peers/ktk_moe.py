@@ -26,7 +26,7 @@ read from DRAM, not from cache (``--flush-mb 0`` turns this off).
 
 Run with the side venv that has kt-kernel and a CPU-only torch:
 
-    /work/peers/ktk-venv/bin/python scripts/peers/ktk_moe.py --hidden 2048 --inter 1024 \\
+    PEERS/ktk-venv/bin/python scripts/peers/ktk_moe.py --hidden 2048 --inter 1024 \\
         --experts 64 --topk 8 --tokens 1 64 --method AMXINT4 --threads 2 --reps 5 --json out.json
 
 The JSON object is printed to stdout (kt-kernel's own C++ prints are sent to stderr).
