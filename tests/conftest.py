@@ -26,3 +26,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tiny_dir(tiny_models: dict[str, Path]) -> Path:
     """The folder holding the tiny family: hf/, tiny-<Q>.gguf, tiny-legacy-<Q>.gguf, split/."""
     return tiny_models["hf"].parent
+
+
+@pytest.fixture
+def isa_env(monkeypatch):
+    """`isa_env(name)` forces the native engine's ISA for one test (KTPACK_ISA), then restores the default."""
+    from ktpack import kernels as K
+
+    def force(name: str) -> None:
+        monkeypatch.setenv("KTPACK_ISA", name)
+        assert K.ensure_engine() == name
+
+    yield force
+    monkeypatch.delenv("KTPACK_ISA", raising=False)
+    K.ensure_engine()

@@ -22,7 +22,6 @@ import torch
 from oracle import session_packs
 from test_runtime_native import ISAS
 
-from ktpack import kernels as K
 from ktpack.runtime import cpu_decode
 from ktpack.runtime.engine import Engine
 from ktpack.runtime.model import DeepseekV3Model, KVCache
@@ -36,17 +35,6 @@ CTX = 96
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory, tiny_dir):
     return session_packs(tmp_path_factory, tiny_dir)
-
-
-@pytest.fixture
-def isa_env(monkeypatch):
-    def force(name: str) -> None:
-        monkeypatch.setenv("KTPACK_ISA", name)
-        assert K.ensure_engine() == name
-
-    yield force
-    monkeypatch.delenv("KTPACK_ISA", raising=False)
-    K.ensure_engine()
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:

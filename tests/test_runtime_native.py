@@ -69,17 +69,6 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 4096, (80,), generator=torch.Generator().manual_seed(1234))
 
 
-@pytest.fixture
-def isa_env(monkeypatch):
-    def force(name: str) -> None:
-        monkeypatch.setenv("KTPACK_ISA", name)
-        assert K.ensure_engine() == name
-
-    yield force
-    monkeypatch.delenv("KTPACK_ISA", raising=False)
-    K.ensure_engine()
-
-
 def logits(folder: Path, ids: torch.Tensor, engine: str) -> torch.Tensor:
     model = DeepseekV3Model(load_pack(folder, engine=engine))
     return model.forward(ids, 0, KVCache(model.config, 96))

@@ -77,9 +77,8 @@ using QuantFn = void (*)(const float* x, int64_t k, int block, int8_t* q, float*
 // h = silu(g) * u, elementwise.
 using SiluMulFn = void (*)(const float* g, const float* u, float* h, int64_t n);
 
-// Float vector helpers for the decode step's attention and router (f32, fixed summation order per ISA).
+// f32 dot product for the decode step's router (fixed summation order per ISA).
 using DotFn = float (*)(const float* a, const float* b, int64_t n);
-using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);  // y += a * x
 // s[i] = exp(s[i] - shift) for i < n; returns the sum (softmax's denominator).
 using ExpSumFn = float (*)(float* s, int64_t n, float shift);
 
@@ -102,7 +101,6 @@ struct Kernels {
   QuantFn quantize;
   SiluMulFn silu_mul;
   DotFn dot;
-  AxpyFn axpy;
   ExpSumFn exp_sum;
   AttnScoresFn attn_scores;
   AttnValuesFn attn_values;

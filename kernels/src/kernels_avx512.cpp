@@ -928,7 +928,6 @@ void fill_kernels_avx512(Kernels* k) {
   k->silu_mul = silu_mul_v;
   k->exp_sum = exp_sum_v;
   k->dot = dot_v;
-  k->axpy = axpy_v;
   k->attn_scores = attn_scores_v;
   k->attn_values = attn_values_v;
   k->read = read_zmm;
