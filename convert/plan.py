@@ -18,7 +18,7 @@ from typing import Any
 
 import tomllib
 
-from ktpack.layouts import amx, ggml, marlin, numa, plain
+from ktpack.layouts import amx, ggml, ggml_lanes, marlin, numa, plain
 from ktpack.layouts import ids as L
 from ktpack.layouts.manifest import FileEntry, Manifest, Piece, TensorEntry
 
@@ -35,7 +35,7 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class ConvertOptions:
     target: str = "gpu"  # gpu | cpu
-    cpu_layout: str = "ggml"  # ggml | amx-int4 | amx-int8 | amx-bf16
+    cpu_layout: str = "ggml"  # ggml | ggml-rows | amx-int4 | amx-int8 | amx-bf16
     gpu_layout: str = "marlin"  # marlin | bf16
     numa_nodes: int = 1
     gpu_mem: float | None = None  # GiB budget for GPU-side tensors
@@ -126,7 +126,9 @@ class Plan:
         return out
 
 
-def _cpu_layout_for(dtype: str, opts: ConvertOptions, name: str, role: str) -> tuple[str, dict[str, Any]]:
+def _cpu_layout_for(
+    dtype: str, opts: ConvertOptions, name: str, role: str, shape: tuple[int, ...]
+) -> tuple[str, dict[str, Any]]:
     layout = L.CPU_LAYOUT_CHOICES[opts.cpu_layout]
     if layout == L.GGML_ROWS:
         if dtype not in ggml.SUPPORTED_TYPES:
@@ -134,6 +136,8 @@ def _cpu_layout_for(dtype: str, opts: ConvertOptions, name: str, role: str) -> t
                 f"tensor {name}: type {dtype} is not taken by the ggml layout; re-quantize it with "
                 f"--cpu-layout amx-int4 (or amx-int8, amx-bf16)"
             )
+        if opts.cpu_layout == "ggml" and ggml_lanes.supports(shape, dtype) is None:
+            return L.GGML_LANES, {"ggml_type": dtype, "rows": L.GGML_LANES_ROWS}
         return layout, {"ggml_type": dtype, "rows": L.GGML_ROWS_PER_GROUP}
     params: dict[str, Any] = {"n_block": L.AMX_N_BLOCK}
     if layout == L.AMX_INT4:
@@ -157,6 +161,8 @@ def layout_nbytes(layout: str, params: dict[str, Any], shape: tuple[int, ...]) -
         return {"data": plain.nbytes(shape, params["dtype"])}
     if layout == L.GGML_ROWS:
         return {"data": ggml.nbytes(shape, params["ggml_type"])}
+    if layout == L.GGML_LANES:
+        return {"data": ggml_lanes.nbytes(shape, params["ggml_type"])}
     if layout in (L.AMX_BF16, L.AMX_INT8, L.AMX_INT4):
         return {"data": amx.nbytes(_amx_kind(layout), shape, **params)}
     if layout == L.MARLIN_INT4:
@@ -189,7 +195,7 @@ def _expert_unit(source: Source, layer_prefix: str, layouts: dict[str, tuple[str
         layout, params = layouts[name]
         if proj == "down":  # cut along K: on the source's blocks (they are read) and the layout's tiles
             units.append(source.tensors[name].block_k)
-            if layout != L.GGML_ROWS:
+            if layout in L.AMX_K_PER_TILE:
                 units.append(L.AMX_K_PER_TILE[layout])
     return numa.common_unit(*units)
 
@@ -203,9 +209,9 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
         raise PlanError(f"--numa-nodes must be 1..{numa.MAX_NODES}, got {opts.numa_nodes}")
     if opts.group_size not in (32, 64, 128):
         raise PlanError(f"--group-size must be 32, 64 or 128, got {opts.group_size}")
-    if opts.cpu_layout == "ggml" and source.kind != "gguf":
+    if opts.cpu_layout in ("ggml", "ggml-rows") and source.kind != "gguf":
         raise PlanError(
-            f"--cpu-layout ggml keeps a GGUF's quant blocks as they are; a {source.kind} source has none: "
+            f"--cpu-layout {opts.cpu_layout} keeps a GGUF's quant blocks as they are; a {source.kind} source has none: "
             f"use --cpu-layout amx-int4 (the default for {source.kind}), amx-int8 or amx-bf16"
         )
     rules = load_rules(opts.rules)
@@ -231,7 +237,7 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
                 raise PlanError(
                     f"tensor {name}: routed experts must be stacked [experts, rows, cols], got {list(shape)}"
                 )
-            layout, params = _cpu_layout_for(st.dtype, opts, name, role)
+            layout, params = _cpu_layout_for(st.dtype, opts, name, role, shape)
             decided[name] = (role, "cpu", layout, params)
             expert_layouts[name] = (layout, params)
         elif role == "embedding":
@@ -254,8 +260,8 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
                         notes.append(f"{name}: stored as bf16 on the GPU side ({reason})")
                     decided[name] = (role, "gpu", L.PLAIN, {"dtype": "bf16"})
             else:
-                layout, params = _cpu_layout_for(st.dtype, opts, name, role)
-                if layout != L.GGML_ROWS:
+                layout, params = _cpu_layout_for(st.dtype, opts, name, role, shape)
+                if layout not in (L.GGML_ROWS, L.GGML_LANES):
                     reason = _amx_supports(layout, params, shape)
                     if reason is not None:
                         notes.append(f"{name}: stored as plain bf16 on the CPU ({reason})")
@@ -286,7 +292,7 @@ def make_plan(source: Source, opts: ConvertOptions) -> Plan:
             for node, (lo, hi) in enumerate(bounds):
                 shp = list(st.shape)
                 shp[axis] = hi - lo
-                if layout != L.GGML_ROWS and hi > lo:
+                if layout not in (L.GGML_ROWS, L.GGML_LANES) and hi > lo:
                     reason = _amx_supports(layout, params, tuple(shp))
                     if reason:
                         raise PlanError(

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ktpack.layouts import amx, ggml, marlin, plain
+from ktpack.layouts import amx, ggml, ggml_lanes, marlin, plain
 from ktpack.layouts import ids as L
 
 from .plan import PlannedTensor
@@ -66,7 +66,7 @@ def produce(pt: PlannedTensor) -> Iterator[Chunk]:
         leads: list[int | None] = list(range(shape[0])) if len(shape) == 3 else [None]
         for lead in leads:
             idx = _slice_index(shape, axis, lo, hi, lead)
-            if layout == L.GGML_ROWS:
+            if layout in (L.GGML_ROWS, L.GGML_LANES):
                 yield from (Chunk(base, b) for b in _ggml_chunks(pt, idx, params))
             elif layout == L.PLAIN:
                 yield from (Chunk(base, b) for b in _plain_chunks(pt, idx, params))
@@ -108,8 +108,12 @@ def _ggml_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memory
     if raw.ndim == 1:
         raw = raw.reshape(1, -1)
     rows = params["rows"]
+    lanes = pt.entry.layout == L.GGML_LANES
     for lo, hi in _row_chunks(raw.shape[-2], raw.shape[-1], rows):
-        yield memoryview(ggml.pack(raw[..., lo:hi, :], params["ggml_type"], rows))
+        if lanes:  # row chunks are whole lane blocks (multiples of 16 rows)
+            yield memoryview(ggml_lanes.pack(raw[..., lo:hi, :], params["ggml_type"]))
+        else:
+            yield memoryview(ggml.pack(raw[..., lo:hi, :], params["ggml_type"], rows))
 
 
 def _plain_chunks(pt: PlannedTensor, idx: tuple, params: dict) -> Iterator[memoryview]:

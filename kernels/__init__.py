@@ -54,6 +54,7 @@ def isa() -> str:
 _GGML_FORMATS = {"Q8_0": "ggml_q8_0", "Q4_K": "ggml_q4_k", "Q5_K": "ggml_q5_k", "Q6_K": "ggml_q6_k",
                  "BF16": "ggml_bf16", "F32": "ggml_f32", "Q4_0": "ggml_q4_0", "Q4_1": "ggml_q4_1",
                  "Q5_0": "ggml_q5_0", "Q5_1": "ggml_q5_1"}  # fmt: skip
+_LANES_FORMATS = {"Q4_K": "lanes_q4_k", "Q6_K": "lanes_q6_k"}
 _AMX_FORMATS = {"amx_int4_v1": "amx_int4", "amx_int8_v1": "amx_int8", "amx_bf16_v1": "amx_bf16"}
 _selected: str | None = None
 
@@ -62,6 +63,8 @@ def native_format(layout: str, params: dict) -> str | None:
     """The engine's format name for a packed layout, or None when it has no native kernel."""
     if layout == "ggml_rows_v1":
         return _GGML_FORMATS.get(params.get("ggml_type", ""))
+    if layout == "ggml_lanes_v1":
+        return _LANES_FORMATS.get(params.get("ggml_type", ""))
     return _AMX_FORMATS.get(layout)
 
 

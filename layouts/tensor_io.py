@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import amx, ggml, marlin, plain
+from . import amx, ggml, ggml_lanes, marlin, plain
 from . import ids as L
 from .manifest import Manifest, Piece, TensorEntry
 
@@ -35,6 +35,9 @@ def _slice_values(folder: Path, t: TensorEntry, pieces: list[Piece]) -> np.ndarr
         return plain.unpack(piece_bytes(folder, pieces[0]), shape, params["dtype"])
     if t.layout == L.GGML_ROWS:
         raw = ggml.unpack(piece_bytes(folder, pieces[0]), shape, params["ggml_type"], params["rows"])
+        return ggml.dequantize(raw, params["ggml_type"]).reshape(shape)
+    if t.layout == L.GGML_LANES:
+        raw = ggml_lanes.unpack(piece_bytes(folder, pieces[0]), shape, params["ggml_type"])
         return ggml.dequantize(raw, params["ggml_type"]).reshape(shape)
     if t.layout in (L.AMX_BF16, L.AMX_INT8, L.AMX_INT4):
         kind = {L.AMX_BF16: "bf16", L.AMX_INT8: "int8", L.AMX_INT4: "int4"}[t.layout]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..layouts import amx, ggml, plain
+from ..layouts import amx, ggml, ggml_lanes, plain
 from ..layouts import ids as L
 from ..layouts.manifest import TensorEntry
 
@@ -70,6 +70,9 @@ def dequant_matrix(
     if layout == L.GGML_ROWS:
         raw = ggml.unpack(piece_bytes, shape, params["ggml_type"], params["rows"])
         return ggml.dequantize(raw, params["ggml_type"]).reshape(shape)
+    if layout == L.GGML_LANES:
+        raw = ggml_lanes.unpack(piece_bytes, shape, params["ggml_type"])
+        return ggml.dequantize(raw, params["ggml_type"]).reshape(shape)
     if layout in _AMX_KIND:
         return amx.dequantize(_AMX_KIND[layout], np.asarray(piece_bytes), shape, **params)
     raise ValueError(f"{entry.name}: layout {layout} has no CPU reference path")
@@ -78,6 +81,8 @@ def dequant_matrix(
 def act_block(entry: TensorEntry) -> int | None:
     """Values per activation scale the native engine uses for this weight (None: f32 activations)."""
     layout, params = entry.layout, entry.params
+    if layout == L.GGML_LANES:
+        return 256
     if layout == L.GGML_ROWS:
         return {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(
             params.get("ggml_type", "")

@@ -40,10 +40,10 @@ import torch
 from ktpack import kernels as K
 from ktpack.convert.synth.writer import random_blocks
 from ktpack.kernels import _native
-from ktpack.layouts import amx, ggml
+from ktpack.layouts import amx, ggml, ggml_lanes
 
 SHAPES = {"small": (2048, 1024, 64), "r1": (7168, 2048, 256)}
-LAYOUTS = ("amx-int4", "amx-int8", "amx-bf16", "ggml-q4_k", "ggml-q8_0")
+LAYOUTS = ("amx-int4", "amx-int8", "amx-bf16", "ggml-q4_k", "lanes-q4_k", "ggml-q8_0")
 TOPK = 8
 ME = psutil.Process()
 QUIET = 0.05  # other processes' CPU (in cores) above which a repetition is discarded
@@ -128,13 +128,16 @@ def _one_expert(layout: str, h: int, inter: int, rng: np.random.Generator) -> di
             w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.02)
             out[part] = (amx.pack(kind, w, group_size=128), ("amx", kind))
         else:
-            gt = {"ggml-q4_k": "Q4_K", "ggml-q8_0": "Q8_0"}[layout]
-            if layout == "ggml-q4_k" and part == "down":
+            gt = {"ggml-q4_k": "Q4_K", "ggml-q8_0": "Q8_0", "lanes-q4_k": "Q4_K"}[layout]
+            if layout in ("ggml-q4_k", "lanes-q4_k") and part == "down":
                 gt = "Q6_K"  # the Q4_K_M mix: down in Q6_K
             from gguf import GGMLQuantizationType
 
             raw = np.ascontiguousarray(random_blocks(rng, (n, k), GGMLQuantizationType[gt])).view(np.uint8)
-            out[part] = (ggml.pack(raw.reshape(n, -1), gt, 8), ("ggml", gt))
+            if layout.startswith("lanes"):
+                out[part] = (ggml_lanes.pack(raw.reshape(n, -1), gt), ("lanes", gt))
+            else:
+                out[part] = (ggml.pack(raw.reshape(n, -1), gt, 8), ("ggml", gt))
     return out
 
 
@@ -148,6 +151,8 @@ def make_experts(layout: str, h: int, inter: int, e: int, rng: np.random.Generat
         nbytes += full.nbytes
         if fam == "amx":
             spec = K.weight_spec(f"amx_{kind}_v1", {"n_block": 4, "group_size": 128}, (e, n, k), full)
+        elif fam == "lanes":
+            spec = K.weight_spec("ggml_lanes_v1", {"ggml_type": kind, "rows": 16}, (e, n, k), full)
         else:
             spec = K.weight_spec("ggml_rows_v1", {"ggml_type": kind, "rows": 8}, (e, n, k), full)
         specs.append(spec)

@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType
 from ktpack import kernels as K
 from ktpack.convert.synth.writer import random_blocks
 from ktpack.kernels import _native
-from ktpack.layouts import amx, ggml
+from ktpack.layouts import amx, ggml, ggml_lanes
 from ktpack.runtime.cpu_ops import quantize_act
 
 
@@ -70,6 +70,14 @@ def ggml_weights(gtype: str, n: int, k: int, lead: tuple[int, ...] = ()):
     return K.weight_spec("ggml_rows_v1", {"ggml_type": gtype, "rows": 8}, (*lead, n, k), packed), w
 
 
+def lanes_weights(gtype: str, n: int, k: int, lead: tuple[int, ...] = ()):
+    raw = random_blocks(RNG, (*lead, n, k), GGMLQuantizationType[gtype])
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(*lead, n, -1)
+    packed = ggml_lanes.pack(raw, gtype)
+    w = ggml.dequantize(raw, gtype).reshape(*lead, n, k)
+    return K.weight_spec("ggml_lanes_v1", {"ggml_type": gtype, "rows": 16}, (*lead, n, k), packed), w
+
+
 def amx_weights(kind: str, n: int, k: int, group: int = 128, lead: tuple[int, ...] = ()):
     w0 = RNG.standard_normal((*lead, n, k)).astype(np.float32) * 0.05
     packed = amx.pack(kind, w0, group_size=group)
@@ -90,6 +98,8 @@ CASES = [
     ("Q5_1", lambda: ggml_weights("Q5_1", 7, 96), True),
     ("BF16", lambda: ggml_weights("BF16", 19, 37), False),
     ("F32", lambda: ggml_weights("F32", 8, 33), False),
+    ("lanes_Q4_K", lambda: lanes_weights("Q4_K", 48, 768), True),
+    ("lanes_Q6_K", lambda: lanes_weights("Q6_K", 32, 512), True),
     ("amx_int4_g32", lambda: amx_weights("int4", 48, 384, 32), True),
     ("amx_int4_g64", lambda: amx_weights("int4", 80, 256, 64), True),
     ("amx_int4_g128", lambda: amx_weights("int4", 16, 128, 128), True),

@@ -7,10 +7,11 @@ column. The bar is therefore byte equality, never a tolerance.
 
 import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gg_dequantize
 
 from ktpack.convert.synth import kquants
-from ktpack.layouts import ggml, numa, plain
+from ktpack.layouts import ggml, ggml_lanes, numa, plain
 from ktpack.layouts.errors import LayoutError
 from ktpack.layouts.ids import GGML_ROWS_PER_GROUP
 
@@ -146,3 +147,58 @@ def test_numa_rejects_bad_counts():
         numa.split_bounds(2048, 9, 256)
     with pytest.raises(ValueError, match="1..8"):
         numa.split_bounds(2048, 0, 256)
+
+
+# ---------------------------------------------------------------------------- ggml_lanes_v1
+
+
+@pytest.mark.parametrize("qtype", ggml_lanes.TYPES)
+@pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "any-bytes"])
+def test_lanes_roundtrip_bytes(qtype, random_bytes):
+    """Every bit of every source block comes back (any bytes: the fields' encodings are bijections)."""
+    shape = (2, 48, 768)
+    if random_bytes:
+        bb = ggml.block_geometry(qtype)[1]
+        raw = np.random.default_rng(3).integers(0, 256, (2, 48, 3 * bb), dtype=np.uint8)
+    else:
+        raw = _raw(qtype, shape, seed=5)
+    packed = ggml_lanes.pack(raw, qtype)
+    assert packed.size == ggml_lanes.nbytes(shape, qtype) == 2 * 3 * 3 * ggml_lanes.LANE_BLOCK_BYTES[qtype]
+    assert np.array_equal(ggml_lanes.unpack(packed, shape, qtype), raw.reshape(2, 48, -1))
+
+
+@pytest.mark.parametrize("qtype", ggml_lanes.TYPES)
+def test_lanes_geometry_matches_spec(qtype):
+    """Codes and scales sit where SPEC.md §6.4 says, checked against gguf-py's dequantized values."""
+    n, k = 32, 512
+    raw = _raw(qtype, (n, k), seed=11)
+    w = gg_dequantize(raw, GGMLQuantizationType[qtype]).reshape(n, k)
+    lanes = ggml_lanes.pack(raw, qtype).reshape(n // 16, k // 256, -1)  # [group][super-block][bytes]
+    rng = np.random.default_rng(0)
+    for row, col in zip(rng.integers(0, n, 40), rng.integers(0, k, 40), strict=True):
+        blk, c, kk = lanes[row // 16, col // 256], row % 16, col % 256
+        r, t = (kk % 64) // 4, kk % 4
+        if qtype == "Q4_K":
+            byte = blk[1024 * (kk // 128) + r * 64 + c * 4 + t]
+            code = (byte >> 4) if kk % 128 >= 64 else (byte & 0xF)
+            j = kk // 32
+            sc, mn = blk[2048 + 16 * j + c], blk[2176 + (j // 2) * 32 + c * 2 + j % 2]
+            d = float(blk[2304 + 2 * c : 2306 + 2 * c].view(np.float16)[0])
+            dmin = float(blk[2336 + 2 * c : 2338 + 2 * c].view(np.float16)[0])
+            want = np.float32(d * sc) * code - np.float32(dmin * mn)
+        else:
+            lo = blk[r * 192 + 64 * (kk // 128) + c * 4 + t]
+            lo = (lo >> 4) if kk % 128 >= 64 else (lo & 0xF)
+            hi = (blk[r * 192 + 128 + c * 4 + t] >> (2 * (kk // 64))) & 3
+            sc = blk[3072 + 16 * (kk // 16) + c : 3073 + 16 * (kk // 16) + c].view(np.int8)[0]
+            d = float(blk[3328 + 2 * c : 3330 + 2 * c].view(np.float16)[0])
+            want = d * float(sc) * float((lo | hi << 4) - 32)
+        assert np.isclose(w[row, col], want, rtol=1e-6, atol=0), (row, col)
+
+
+def test_lanes_refuses_what_it_cannot_store():
+    assert "multiple of 16" in ggml_lanes.supports((24, 256), "Q4_K")
+    assert "multiple of 256" in ggml_lanes.supports((16, 384), "Q6_K")
+    assert "not Q8_0" in ggml_lanes.supports((16, 256), "Q8_0")
+    with pytest.raises(LayoutError, match="needs"):
+        ggml_lanes.unpack(np.zeros(10, np.uint8), (16, 256), "Q4_K")

@@ -25,8 +25,14 @@ enum class WType : int {
   ggml_q4_1,
   ggml_q5_0,
   ggml_q5_1,
+  lanes_q4_k,  // `ggml_lanes_v1` of Q4_K / Q6_K: the blocks of 16 rows side by side, one row per lane
+  lanes_q6_k,
   count
 };
+
+inline bool is_lanes_type(WType t) { return t == WType::lanes_q4_k || t == WType::lanes_q6_k; }
+// Bytes of one lane block (16 rows x one 256-value super-block).
+inline int lanes_block_bytes(WType t) { return t == WType::lanes_q4_k ? 2368 : 3360; }
 
 inline bool is_amx_type(WType t) { return t == WType::amx_int4 || t == WType::amx_int8 || t == WType::amx_bf16; }
 
@@ -35,7 +41,7 @@ struct WMat {
   WType type = WType::ggml_f32;
   const uint8_t* data = nullptr;
   int64_t n = 0, k = 0;
-  int rows = 8;      // ggml: rows interleaved per group
+  int rows = 8;      // ggml_rows: rows interleaved per group (ggml_lanes: 16)
   int n_block = 4;   // amx: tiles per N-block
   int group = 128;   // amx_int4: values per scale group
 };

@@ -896,6 +896,151 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// ggml_lanes_v1 (layouts/ggml_lanes.py): a lane block is 16 rows x one 256-value super-block, one row
+// per 32-bit lane, so the amx-style dpbusd against the broadcast activation dword needs no shuffles
+// and no horizontal sums. A sub-block's int32 dots are multiplied by its integer scale (vpmulld) and
+// summed exactly; the f16 super-block scales are applied in f32 once per 256 values (as ggml does).
+// One kernel call: row group g (16 rows), tokens r0..r0+MT-1, all of K.
+
+// Decode prefetches the block kPrefetch bytes ahead a few lines per tile row, spread over the block
+// (all of a block's lines at once measured 35% slower from DRAM: the fill buffers overflow).
+inline void prefetch_lines(const uint8_t* p, int lines) {
+  for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64 * i, _MM_HINT_T0);
+}
+
+inline __m512i load_u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+
+template <int MT>
+void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
+  constexpr int BB = 2368;
+  const int64_t nb = w.k / 256;
+  const uint8_t* base = w.data + g * nb * BB;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const int8_t* xq[MT];
+  const float* xd[MT];
+  const int32_t* xs[MT];
+  __m512 f[MT];
+  for (int t = 0; t < MT; ++t) {
+    const int64_t ar = a.row(r0 + t);
+    xq[t] = a.q + ar * a.k, xd[t] = a.d + ar * (a.k / 256), xs[t] = a.s16 + ar * (a.k / 16);
+    f[t] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = base + b * BB;
+    __m512i isum[MT];
+    for (int t = 0; t < MT; ++t) isum[t] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 2; ++s) {  // tile rows 8s..8s+7: sub-blocks 4h+s (low nibbles), 4h+2+s (high)
+        __m512i lo_acc[MT], hi_acc[MT];
+        for (int t = 0; t < MT; ++t) lo_acc[t] = hi_acc[t] = _mm512_setzero_si512();
+        for (int r = 8 * s; r < 8 * s + 8; ++r) {
+          if constexpr (MT == 1) {  // 37 lines: the 32 code rows, and the 5 lines of scales with the first rows
+            prefetch_lines(blk + 1024 * h + 64 * r, 1);
+            if (h == 0 && r < 5) prefetch_lines(blk + 2048 + 64 * r, 1);
+          }
+          const __m512i v = _mm512_loadu_si512(blk + 1024 * h + 64 * r);
+          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          for (int t = 0; t < MT; ++t) {
+            const int8_t* x = xq[t] + 256 * b + 128 * h + 4 * r;
+            lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, bcast4(x));
+            hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, bcast4(x + 64));
+          }
+        }
+        const __m512i sl = load_u8x16(blk + 2048 + 16 * (4 * h + s));
+        const __m512i sh = load_u8x16(blk + 2048 + 16 * (4 * h + 2 + s));
+        for (int t = 0; t < MT; ++t)
+          isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(lo_acc[t], sl),
+                                                               _mm512_mullo_epi32(hi_acc[t], sh)));
+      }
+    // mins: int16 pairs (m_2p, m_2p+1) per row against the pair of 32-value activation sums
+    __m512i mn[4];
+    for (int p = 0; p < 4; ++p) mn[p] = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 2176 + 32 * p)));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2304)));
+    const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2336)));
+    for (int t = 0; t < MT; ++t) {
+      const int32_t* s16 = xs[t] + 16 * b;
+      __m512i im = _mm512_setzero_si512();
+      for (int p = 0; p < 4; ++p) {
+        const uint32_t lo = uint16_t(s16[4 * p] + s16[4 * p + 1]), hi = uint16_t(s16[4 * p + 2] + s16[4 * p + 3]);
+        im = _mm512_dpwssd_epi32(im, mn[p], _mm512_set1_epi32(int(lo | hi << 16)));
+      }
+      const __m512 dx = _mm512_set1_ps(xd[t][b]);
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx),
+                             _mm512_fnmadd_ps(_mm512_cvtepi32_ps(im), _mm512_mul_ps(dm, dx), f[t]));
+    }
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
+}
+
+template <int MT>
+void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
+  constexpr int BB = 3360;
+  const int64_t nb = w.k / 256;
+  const uint8_t* base = w.data + g * nb * BB;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+  const int8_t* xq[MT];
+  const float* xd[MT];
+  const int32_t* xs[MT];
+  __m512 f[MT];
+  for (int t = 0; t < MT; ++t) {
+    const int64_t ar = a.row(r0 + t);
+    xq[t] = a.q + ar * a.k, xd[t] = a.d + ar * (a.k / 256), xs[t] = a.s16 + ar * (a.k / 16);
+    f[t] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = base + b * BB;
+    __m512i isum[MT];
+    for (int t = 0; t < MT; ++t) isum[t] = _mm512_setzero_si512();
+    for (int s = 0; s < 4; ++s) {  // tile rows 4s..4s+3: quarter i's values 64i+16s.., sub-block 4i+s
+      __m512i acc[MT][4];
+      for (int t = 0; t < MT; ++t)
+        for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_si512();
+      for (int r = 4 * s; r < 4 * s + 4; ++r) {
+        if constexpr (MT == 1) {  // 53 lines: 3 per tile row, and the 5 lines of scales with the first rows
+          prefetch_lines(blk + 192 * r, 3);
+          if (r < 5) prefetch_lines(blk + 3072 + 64 * r, 1);
+        }
+        const __m512i v0 = _mm512_loadu_si512(blk + 192 * r), v1 = _mm512_loadu_si512(blk + 192 * r + 64);
+        const __m512i hv = _mm512_loadu_si512(blk + 192 * r + 128);
+        // high bit pair i moves to bits 4-5 (16-bit shifts: bits crossing into the next byte are masked off)
+        __m512i c[4];
+        c[0] = _mm512_or_si512(_mm512_and_si512(v0, m4), _mm512_and_si512(_mm512_slli_epi16(hv, 4), m30));
+        c[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
+                               _mm512_and_si512(_mm512_slli_epi16(hv, 2), m30));
+        c[2] = _mm512_or_si512(_mm512_and_si512(v1, m4), _mm512_and_si512(hv, m30));
+        c[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v1, 4), m4),
+                               _mm512_and_si512(_mm512_srli_epi16(hv, 2), m30));
+        for (int t = 0; t < MT; ++t)
+          for (int i = 0; i < 4; ++i)
+            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], c[i], bcast4(xq[t] + 256 * b + 64 * i + 4 * r));
+      }
+      for (int i = 0; i < 4; ++i) {  // codes are offset by 32: subtract 32 * the sub-block's activation sum
+        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 3072 + 16 * (4 * i + s))));
+        for (int t = 0; t < MT; ++t) {
+          const __m512i dot = _mm512_sub_epi32(acc[t][i], _mm512_set1_epi32(32 * xs[t][16 * b + 4 * i + s]));
+          isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc));
+        }
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 3328)));
+    for (int t = 0; t < MT; ++t)
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, _mm512_set1_ps(xd[t][b])), f[t]);
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
+}
+
+// Prefill: a row group's weights (16 rows x K: 40-320 KiB for DeepSeek's K) stay in L2 while every
+// token block uses them; decode (and the last tokens) run the one-token kernel, which prefetches.
+template <bool Q6>
+void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for (int64_t g = n0 / 16; g < n1 / 16; ++g) {
+    int r = 0;
+    for (; r + 4 <= a.m; r += 4) Q6 ? lanes_q6k<4>(w, a, g, r, y, ldy) : lanes_q4k<4>(w, a, g, r, y, ldy);
+    for (; r < a.m; ++r) Q6 ? lanes_q6k<1>(w, a, g, r, y, ldy) : lanes_q4k<1>(w, a, g, r, y, ldy);
+  }
+}
+
 template <int MT>
 struct Int8NB {
   static void run(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
@@ -944,6 +1089,8 @@ void fill_kernels_avx512(Kernels* k) {
   k->gemm[int(WType::ggml_q4_1)] = q32_gemm<WType::ggml_q4_1, 20>;
   k->gemm[int(WType::ggml_q5_0)] = q32_gemm<WType::ggml_q5_0, 22>;
   k->gemm[int(WType::ggml_q5_1)] = q32_gemm<WType::ggml_q5_1, 24>;
+  k->gemm[int(WType::lanes_q4_k)] = lanes_gemm<false>;
+  k->gemm[int(WType::lanes_q6_k)] = lanes_gemm<true>;
 }
 
 }  // namespace ktpack

@@ -22,7 +22,9 @@ int ggml_block_values(WType t) {
     case WType::ggml_q5_1: return 32;
     case WType::ggml_q4_k:
     case WType::ggml_q5_k:
-    case WType::ggml_q6_k: return 256;
+    case WType::ggml_q6_k:
+    case WType::lanes_q4_k:
+    case WType::lanes_q6_k: return 256;
     default: return 1;
   }
 }
@@ -45,7 +47,9 @@ int ggml_block_bytes(WType t) {
 
 static bool is_amx(WType t) { return is_amx_type(t); }
 
-int64_t row_align(const WMat& w) { return is_amx(w.type) ? int64_t(w.n_block) * 16 : w.rows; }
+int64_t row_align(const WMat& w) {
+  return is_amx(w.type) ? int64_t(w.n_block) * 16 : (is_lanes_type(w.type) ? 16 : w.rows);
+}
 
 bool is_integer(WType t) { return t != WType::ggml_bf16 && t != WType::ggml_f32 && t != WType::amx_bf16; }
 
@@ -58,7 +62,9 @@ int act_block(const WMat& w) {
     case WType::ggml_q5_1: return 32;
     case WType::ggml_q4_k:
     case WType::ggml_q5_k:
-    case WType::ggml_q6_k: return 256;
+    case WType::ggml_q6_k:
+    case WType::lanes_q4_k:
+    case WType::lanes_q6_k: return 256;
     case WType::amx_int4: return w.group;
     case WType::amx_int8: return 64;
     default: return 16;
@@ -66,6 +72,7 @@ int act_block(const WMat& w) {
 }
 
 int64_t matrix_bytes(const WMat& w) {
+  if (is_lanes_type(w.type)) return (w.n / 16) * (w.k / 256) * lanes_block_bytes(w.type);
   if (!is_amx(w.type)) return w.n * (w.k / ggml_block_values(w.type)) * ggml_block_bytes(w.type);
   const int64_t kb = w.type == WType::amx_bf16 ? 32 : (w.type == WType::amx_int8 ? 64 : 128);
   const int64_t weight = (w.n / 16) * (w.k / kb) * 1024;
