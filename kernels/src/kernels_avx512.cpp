@@ -916,7 +916,7 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   constexpr int BB = 2368;
   const int64_t nb = w.k / 256;
   const uint8_t* base = w.data + g * nb * BB;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i m4 = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(char(0xF0));
   const int8_t* xq[MT];
   const float* xd[MT];
   const int32_t* xs[MT];
@@ -928,19 +928,19 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
+    if constexpr (MT == 1) prefetch_lines(blk + 2048, 5);  // scales; the code rows prefetch their own lines
     __m512i isum[MT];
     for (int t = 0; t < MT; ++t) isum[t] = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h)
       for (int s = 0; s < 2; ++s) {  // tile rows 8s..8s+7: sub-blocks 4h+s (low nibbles), 4h+2+s (high)
         __m512i lo_acc[MT], hi_acc[MT];
         for (int t = 0; t < MT; ++t) lo_acc[t] = hi_acc[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
         for (int r = 8 * s; r < 8 * s + 8; ++r) {
-          if constexpr (MT == 1) {  // 37 lines: the 32 code rows, and the 5 lines of scales with the first rows
-            prefetch_lines(blk + 1024 * h + 64 * r, 1);
-            if (h == 0 && r < 5) prefetch_lines(blk + 2048 + 64 * r, 1);
-          }
+          if constexpr (MT == 1) prefetch_lines(blk + 1024 * h + 64 * r, 1);
           const __m512i v = _mm512_loadu_si512(blk + 1024 * h + 64 * r);
-          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          // high nibbles in place (16 x the code: no shift here; the sums are divided by 16, exactly, below)
+          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(v, mf0);
           for (int t = 0; t < MT; ++t) {
             const int8_t* x = xq[t] + 256 * b + 128 * h + 4 * r;
             lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, bcast4(x));
@@ -950,8 +950,9 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
         const __m512i sl = load_u8x16(blk + 2048 + 16 * (4 * h + s));
         const __m512i sh = load_u8x16(blk + 2048 + 16 * (4 * h + 2 + s));
         for (int t = 0; t < MT; ++t)
-          isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(lo_acc[t], sl),
-                                                               _mm512_mullo_epi32(hi_acc[t], sh)));
+          isum[t] = _mm512_add_epi32(
+              isum[t], _mm512_add_epi32(_mm512_mullo_epi32(lo_acc[t], sl),
+                                        _mm512_mullo_epi32(_mm512_srai_epi32(hi_acc[t], 4), sh)));
       }
     // mins: int16 pairs (m_2p, m_2p+1) per row against the pair of 32-value activation sums
     __m512i mn[4];
@@ -990,17 +991,16 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
+    if constexpr (MT == 1) prefetch_lines(blk + 3072, 5);  // scales; the code rows prefetch their own lines
     __m512i isum[MT];
     for (int t = 0; t < MT; ++t) isum[t] = _mm512_setzero_si512();
     for (int s = 0; s < 4; ++s) {  // tile rows 4s..4s+3: quarter i's values 64i+16s.., sub-block 4i+s
       __m512i acc[MT][4];
       for (int t = 0; t < MT; ++t)
         for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_si512();
+#pragma GCC unroll 4
       for (int r = 4 * s; r < 4 * s + 4; ++r) {
-        if constexpr (MT == 1) {  // 53 lines: 3 per tile row, and the 5 lines of scales with the first rows
-          prefetch_lines(blk + 192 * r, 3);
-          if (r < 5) prefetch_lines(blk + 3072 + 64 * r, 1);
-        }
+        if constexpr (MT == 1) prefetch_lines(blk + 192 * r, 3);
         const __m512i v0 = _mm512_loadu_si512(blk + 192 * r), v1 = _mm512_loadu_si512(blk + 192 * r + 64);
         const __m512i hv = _mm512_loadu_si512(blk + 192 * r + 128);
         // high bit pair i moves to bits 4-5 (16-bit shifts: bits crossing into the next byte are masked off)
