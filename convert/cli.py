@@ -96,7 +96,7 @@ def check_budgets(plan: Plan, opts: ConvertOptions) -> None:
     type=click.Choice(list(L.CPU_LAYOUT_CHOICES)),
     default=None,
     help="Layout of routed experts (and CPU linears): ggml keeps the GGUF blocks "
-    "losslessly (Q4_K/Q6_K re-arranged into 16-row lane blocks, other types as they are); ggml-rows keeps "
+    "losslessly (Q4_K/Q6_K/Q8_0 re-arranged into 16-row lane blocks, other types as they are); ggml-rows keeps "
     "every block byte for byte; amx-* re-quantize into AMX/AVX-512 tiles. [default: ggml for a GGUF, "
     f"{SAFETENSORS_CPU_LAYOUT} for safetensors]",
 )

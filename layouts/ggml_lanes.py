@@ -1,4 +1,4 @@
-"""`ggml_lanes_v1`: GGUF K-quant blocks (Q4_K, Q6_K) re-arranged so that one SIMD lane is one output row.
+"""`ggml_lanes_v1`: GGUF blocks (Q4_K, Q6_K, Q8_0) re-arranged so that one SIMD lane is one output row.
 
 `ggml_rows_v1` keeps each block's bytes as they are; a kernel then needs shuffles and horizontal
 sums to use them. Here the same fields (codes, sub-block scales and mins, super-block f16 scales) of
@@ -19,8 +19,12 @@ Lane block of Q6_K (3360 bytes):
         r*192 + 128 + c*4 + t: high 2 bits, bits 2i..2i+1 = high bits of the code of k = 64i + 4r + t
   3072  scales: int8, byte j*16 + c = scale of sub-block j (k = 16j .. 16j+15)
   3328  d: f16 [16]
-A matrix [N, K] (N % 16 == 0, K % 256 == 0) is its N/16 row groups one after another, each its K/256
-lane blocks in order; a stack [..., N, K] is its matrices one after another.
+Lane block of Q8_0 (544 bytes, one 32-value block of 16 rows):
+  0     codes: byte r*64 + c*4 + t (r = 0..7) = (code of k = 4r + t) XOR 0x80 (the unsigned q + 128)
+  512   d: f16 [16]
+A matrix [N, K] (N % 16 == 0, K a multiple of the type's block: 256, or 32 for Q8_0) is its N/16 row
+groups one after another, each its lane blocks in K order; a stack [..., N, K] is its matrices one
+after another.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ import numpy as np
 from .errors import LayoutError
 
 LANES = 16
-TYPES: tuple[str, ...] = ("Q4_K", "Q6_K")
-SOURCE_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}
-LANE_BLOCK_BYTES = {"Q4_K": 2368, "Q6_K": 3360}
-QK = 256
+TYPES: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0")
+SOURCE_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210, "Q8_0": 34}
+LANE_BLOCK_BYTES = {"Q4_K": 2368, "Q6_K": 3360, "Q8_0": 544}
+BLOCK_VALUES = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 32}
 
 
 def supports(shape: tuple[int, ...], ggml_type: str) -> str | None:
@@ -43,10 +47,11 @@ def supports(shape: tuple[int, ...], ggml_type: str) -> str | None:
     if len(shape) < 2:
         return f"ggml_lanes_v1 stores matrices [..., N, K], got shape {tuple(shape)}"
     n, k = shape[-2:]
+    qk = BLOCK_VALUES[ggml_type]
     if n <= 0 or n % LANES:
         return f"N must be a positive multiple of {LANES} (lanes), got N={n}"
-    if k <= 0 or k % QK:
-        return f"K must be a positive multiple of {QK} (the super-block), got K={k}"
+    if k <= 0 or k % qk:
+        return f"K must be a positive multiple of {qk} (the {ggml_type} block), got K={k}"
     return None
 
 
@@ -59,7 +64,7 @@ def _require(shape: tuple[int, ...], ggml_type: str) -> None:
 def nbytes(shape: tuple[int, ...], ggml_type: str) -> int:
     _require(shape, ggml_type)
     m = int(np.prod(shape[:-1], dtype=np.int64))
-    return m // LANES * (shape[-1] // QK) * LANE_BLOCK_BYTES[ggml_type]
+    return m // LANES * (shape[-1] // BLOCK_VALUES[ggml_type]) * LANE_BLOCK_BYTES[ggml_type]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +147,11 @@ def _blocks_to_lanes(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
     g, _, nb, _ = blocks.shape
     bl = blocks.transpose(0, 2, 1, 3)  # [G, nb, 16, bytes]
     out = np.empty((g, nb, LANE_BLOCK_BYTES[ggml_type]), np.uint8)
-    if ggml_type == "Q4_K":
+    if ggml_type == "Q8_0":
+        codes = bl[..., 2:34].reshape(g, nb, LANES, 8, 4).transpose(0, 1, 3, 2, 4)  # [r][c][t]
+        out[..., 0:512] = codes.reshape(g, nb, 512) ^ 0x80
+        out[..., 512:544] = bl[..., 0:2].reshape(g, nb, 32)
+    elif ggml_type == "Q4_K":
         f = _q4k_fields(bl)
         out[..., 0:2048] = _nibble_tiles(f["codes"])
         out[..., 2048:2176] = f["sc"].swapaxes(-1, -2).reshape(g, nb, 128)
@@ -165,7 +174,12 @@ def _blocks_to_lanes(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
 def _lanes_to_blocks(lanes: np.ndarray, ggml_type: str) -> np.ndarray:
     """Inverse: lane blocks [G, nb, lane bytes] -> source blocks [G, 16, nb, bytes]."""
     g, nb, _ = lanes.shape
-    if ggml_type == "Q4_K":
+    if ggml_type == "Q8_0":
+        blocks = np.empty((g, nb, LANES, 34), np.uint8)
+        blocks[..., 0:2] = lanes[..., 512:544].reshape(g, nb, LANES, 2)
+        codes = (lanes[..., 0:512] ^ 0x80).reshape(g, nb, 8, LANES, 4).transpose(0, 1, 3, 2, 4)
+        blocks[..., 2:34] = codes.reshape(g, nb, LANES, 32)
+    elif ggml_type == "Q4_K":
         f = {
             "codes": _nibble_codes(lanes[..., 0:2048]),
             "sc": lanes[..., 2048:2176].reshape(g, nb, 8, LANES).swapaxes(-1, -2),
@@ -196,7 +210,7 @@ def pack(raw: np.ndarray, ggml_type: str) -> np.ndarray:
     if bb is None or raw.ndim < 2 or raw.shape[-1] % bb:
         raise LayoutError(f"ggml_lanes_v1: rows of {raw.shape[-1:]} bytes are not whole {ggml_type} blocks")
     n, nb = raw.shape[-2], raw.shape[-1] // bb
-    _require((n, nb * QK), ggml_type)
+    _require((n, nb * BLOCK_VALUES[ggml_type]), ggml_type)
     blocks = raw.reshape(-1, LANES, nb, bb)
     return _blocks_to_lanes(blocks, ggml_type).reshape(-1)
 
@@ -207,7 +221,7 @@ def unpack(buf: np.ndarray, shape: tuple[int, ...], ggml_type: str) -> np.ndarra
     buf = np.ascontiguousarray(buf).view(np.uint8).reshape(-1)
     if buf.size != want:
         raise LayoutError(f"packed buffer holds {buf.size} bytes, shape {tuple(shape)} needs {want}")
-    nb = shape[-1] // QK
+    nb = shape[-1] // BLOCK_VALUES[ggml_type]
     lanes = buf.reshape(-1, nb, LANE_BLOCK_BYTES[ggml_type])
     blocks = _lanes_to_blocks(lanes, ggml_type)
     return blocks.reshape(*shape[:-1], nb * SOURCE_BLOCK_BYTES[ggml_type])

@@ -159,11 +159,13 @@ def test_lanes_roundtrip_bytes(qtype, random_bytes):
     shape = (2, 48, 768)
     if random_bytes:
         bb = ggml.block_geometry(qtype)[1]
-        raw = np.random.default_rng(3).integers(0, 256, (2, 48, 3 * bb), dtype=np.uint8)
+        nb = shape[-1] // ggml_lanes.BLOCK_VALUES[qtype]
+        raw = np.random.default_rng(3).integers(0, 256, (2, 48, nb * bb), dtype=np.uint8)
     else:
         raw = _raw(qtype, shape, seed=5)
     packed = ggml_lanes.pack(raw, qtype)
-    assert packed.size == ggml_lanes.nbytes(shape, qtype) == 2 * 3 * 3 * ggml_lanes.LANE_BLOCK_BYTES[qtype]
+    blocks = 2 * 3 * (768 // ggml_lanes.BLOCK_VALUES[qtype])  # matrices x row groups x blocks per row
+    assert packed.size == ggml_lanes.nbytes(shape, qtype) == blocks * ggml_lanes.LANE_BLOCK_BYTES[qtype]
     assert np.array_equal(ggml_lanes.unpack(packed, shape, qtype), raw.reshape(2, 48, -1))
 
 
@@ -174,11 +176,17 @@ def test_lanes_geometry_matches_spec(qtype):
     raw = _raw(qtype, (n, k), seed=11)
     w = gg_dequantize(raw, GGMLQuantizationType[qtype]).reshape(n, k)
     lanes = ggml_lanes.pack(raw, qtype).reshape(n // 16, k // 256, -1)  # [group][super-block][bytes]
+    lanes_q8 = lanes.reshape(n // 16, k // 32, -1)  # Q8_0: lane blocks of 32 values
     rng = np.random.default_rng(0)
     for row, col in zip(rng.integers(0, n, 40), rng.integers(0, k, 40), strict=True):
         blk, c, kk = lanes[row // 16, col // 256], row % 16, col % 256
         r, t = (kk % 64) // 4, kk % 4
-        if qtype == "Q4_K":
+        if qtype == "Q8_0":
+            kk = col % 32
+            blk = lanes_q8[row // 16, col // 32]
+            code = int(blk[(kk // 4) * 64 + c * 4 + kk % 4]) - 128  # stored q + 128
+            want = float(blk[512 + 2 * c : 514 + 2 * c].view(np.float16)[0]) * code
+        elif qtype == "Q4_K":
             byte = blk[1024 * (kk // 128) + r * 64 + c * 4 + t]
             code = (byte >> 4) if kk % 128 >= 64 else (byte & 0xF)
             j = kk // 32
@@ -199,6 +207,7 @@ def test_lanes_geometry_matches_spec(qtype):
 def test_lanes_refuses_what_it_cannot_store():
     assert "multiple of 16" in ggml_lanes.supports((24, 256), "Q4_K")
     assert "multiple of 256" in ggml_lanes.supports((16, 384), "Q6_K")
-    assert "not Q8_0" in ggml_lanes.supports((16, 256), "Q8_0")
+    assert "multiple of 32" in ggml_lanes.supports((16, 48), "Q8_0")
+    assert "not Q5_K" in ggml_lanes.supports((16, 256), "Q5_K")
     with pytest.raises(LayoutError, match="needs"):
         ggml_lanes.unpack(np.zeros(10, np.uint8), (16, 256), "Q4_K")

@@ -20,7 +20,7 @@ namespace {
 // In WType order.
 const char* const kTypeNames[] = {"ggml_q8_0", "ggml_q4_k", "ggml_q5_k", "ggml_q6_k", "ggml_bf16", "ggml_f32", "amx_int4",
                                   "amx_int8",  "amx_bf16",  "ggml_q4_0", "ggml_q4_1", "ggml_q5_0", "ggml_q5_1",
-                                  "lanes_q4_k", "lanes_q6_k"};
+                                  "lanes_q4_k", "lanes_q6_k", "lanes_q8_0"};
 static_assert(sizeof(kTypeNames) / sizeof(kTypeNames[0]) == int(WType::count), "one name per WType");
 
 WType parse_type(const std::string& s) {
@@ -49,8 +49,8 @@ ktpack::WStack make_stack(const py::tuple& t, std::vector<py::object>* keep) {
   if (s.m.n <= 0 || s.m.k <= 0 || s.count <= 0) throw py::value_error("weight shape must be positive");
   if (!amx && (s.m.rows < 1 || s.m.k % ktpack::ggml_block_values(s.m.type)))
     throw py::value_error("ggml row length is not a whole number of blocks");
-  if (ktpack::is_lanes_type(s.m.type) && (s.m.n % 16 || s.m.k % 256))
-    throw py::value_error("ggml_lanes shape is not whole lane blocks (N % 16, K % 256)");
+  if (ktpack::is_lanes_type(s.m.type) && (s.m.n % 16 || s.m.k % ktpack::ggml_block_values(s.m.type)))
+    throw py::value_error("ggml_lanes shape is not whole lane blocks (N % 16, K % the block)");
   if (amx) {
     const int kb = s.m.type == WType::amx_bf16 ? 32 : (s.m.type == WType::amx_int8 ? 64 : 128);
     if (s.m.n % 16 || s.m.k % kb || s.m.n_block < 1) throw py::value_error("amx shape is not whole tiles");

@@ -25,14 +25,19 @@ enum class WType : int {
   ggml_q4_1,
   ggml_q5_0,
   ggml_q5_1,
-  lanes_q4_k,  // `ggml_lanes_v1` of Q4_K / Q6_K: the blocks of 16 rows side by side, one row per lane
+  lanes_q4_k,  // `ggml_lanes_v1` of Q4_K / Q6_K / Q8_0: the blocks of 16 rows side by side, one row per lane
   lanes_q6_k,
+  lanes_q8_0,
   count
 };
 
-inline bool is_lanes_type(WType t) { return t == WType::lanes_q4_k || t == WType::lanes_q6_k; }
-// Bytes of one lane block (16 rows x one 256-value super-block).
-inline int lanes_block_bytes(WType t) { return t == WType::lanes_q4_k ? 2368 : 3360; }
+inline bool is_lanes_type(WType t) {
+  return t == WType::lanes_q4_k || t == WType::lanes_q6_k || t == WType::lanes_q8_0;
+}
+// Bytes of one lane block (16 rows x one source block: 256 values, 32 for Q8_0).
+inline int lanes_block_bytes(WType t) {
+  return t == WType::lanes_q4_k ? 2368 : t == WType::lanes_q6_k ? 3360 : 544;
+}
 
 inline bool is_amx_type(WType t) { return t == WType::amx_int4 || t == WType::amx_int8 || t == WType::amx_bf16; }
 

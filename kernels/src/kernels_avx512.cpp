@@ -1030,14 +1030,56 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
 }
 
+// Q8_0: a lane block is 16 rows x one 32-value block, codes stored as q + 128 (unsigned): dpbusd, then
+// subtract 128 x the block's activation sum; f16 row scales times the block's activation scale.
+template <int MT>
+void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
+  constexpr int BB = 544;
+  const int64_t nb = w.k / 32;
+  const uint8_t* base = w.data + g * nb * BB;
+  const int8_t* xq[MT];
+  const float* xd[MT];
+  const int32_t* xs[MT];
+  __m512 f[MT];
+  for (int t = 0; t < MT; ++t) {
+    const int64_t ar = a.row(r0 + t);
+    xq[t] = a.q + ar * a.k, xd[t] = a.d + ar * (a.k / 32), xs[t] = a.s16 + ar * (a.k / 16);
+    f[t] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = base + b * BB;
+    if constexpr (MT == 1) prefetch_lines(blk, 9);  // 8.5 lines a block: a line ahead of every line read
+    __m512i acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
+    for (int r = 0; r < 8; ++r) {
+      const __m512i v = _mm512_loadu_si512(blk + 64 * r);
+      for (int t = 0; t < MT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], v, bcast4(xq[t] + 32 * b + 4 * r));
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 512)));
+    for (int t = 0; t < MT; ++t) {
+      const __m512i dot = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(128 * (xs[t][2 * b] + xs[t][2 * b + 1])));
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[t][b])), f[t]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
+}
+
 // Prefill: a row group's weights (16 rows x K: 40-320 KiB for DeepSeek's K) stay in L2 while every
 // token block uses them; decode (and the last tokens) run the one-token kernel, which prefetches.
-template <bool Q6>
+template <WType T>
 void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   for (int64_t g = n0 / 16; g < n1 / 16; ++g) {
     int r = 0;
-    for (; r + 4 <= a.m; r += 4) Q6 ? lanes_q6k<4>(w, a, g, r, y, ldy) : lanes_q4k<4>(w, a, g, r, y, ldy);
-    for (; r < a.m; ++r) Q6 ? lanes_q6k<1>(w, a, g, r, y, ldy) : lanes_q4k<1>(w, a, g, r, y, ldy);
+    for (; r + 4 <= a.m; r += 4) {
+      if constexpr (T == WType::lanes_q4_k) lanes_q4k<4>(w, a, g, r, y, ldy);
+      else if constexpr (T == WType::lanes_q6_k) lanes_q6k<4>(w, a, g, r, y, ldy);
+      else lanes_q80<4>(w, a, g, r, y, ldy);
+    }
+    for (; r < a.m; ++r) {
+      if constexpr (T == WType::lanes_q4_k) lanes_q4k<1>(w, a, g, r, y, ldy);
+      else if constexpr (T == WType::lanes_q6_k) lanes_q6k<1>(w, a, g, r, y, ldy);
+      else lanes_q80<1>(w, a, g, r, y, ldy);
+    }
   }
 }
 
@@ -1089,8 +1131,9 @@ void fill_kernels_avx512(Kernels* k) {
   k->gemm[int(WType::ggml_q4_1)] = q32_gemm<WType::ggml_q4_1, 20>;
   k->gemm[int(WType::ggml_q5_0)] = q32_gemm<WType::ggml_q5_0, 22>;
   k->gemm[int(WType::ggml_q5_1)] = q32_gemm<WType::ggml_q5_1, 24>;
-  k->gemm[int(WType::lanes_q4_k)] = lanes_gemm<false>;
-  k->gemm[int(WType::lanes_q6_k)] = lanes_gemm<true>;
+  k->gemm[int(WType::lanes_q4_k)] = lanes_gemm<WType::lanes_q4_k>;
+  k->gemm[int(WType::lanes_q6_k)] = lanes_gemm<WType::lanes_q6_k>;
+  k->gemm[int(WType::lanes_q8_0)] = lanes_gemm<WType::lanes_q8_0>;
 }
 
 }  // namespace ktpack

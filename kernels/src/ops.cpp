@@ -19,7 +19,8 @@ int ggml_block_values(WType t) {
     case WType::ggml_q4_0:
     case WType::ggml_q4_1:
     case WType::ggml_q5_0:
-    case WType::ggml_q5_1: return 32;
+    case WType::ggml_q5_1:
+    case WType::lanes_q8_0: return 32;
     case WType::ggml_q4_k:
     case WType::ggml_q5_k:
     case WType::ggml_q6_k:
@@ -59,7 +60,8 @@ int act_block(const WMat& w) {
     case WType::ggml_q4_0:
     case WType::ggml_q4_1:
     case WType::ggml_q5_0:
-    case WType::ggml_q5_1: return 32;
+    case WType::ggml_q5_1:
+    case WType::lanes_q8_0: return 32;
     case WType::ggml_q4_k:
     case WType::ggml_q5_k:
     case WType::ggml_q6_k:
@@ -72,7 +74,7 @@ int act_block(const WMat& w) {
 }
 
 int64_t matrix_bytes(const WMat& w) {
-  if (is_lanes_type(w.type)) return (w.n / 16) * (w.k / 256) * lanes_block_bytes(w.type);
+  if (is_lanes_type(w.type)) return (w.n / 16) * (w.k / ggml_block_values(w.type)) * lanes_block_bytes(w.type);
   if (!is_amx(w.type)) return w.n * (w.k / ggml_block_values(w.type)) * ggml_block_bytes(w.type);
   const int64_t kb = w.type == WType::amx_bf16 ? 32 : (w.type == WType::amx_int8 ? 64 : 128);
   const int64_t weight = (w.n / 16) * (w.k / kb) * 1024;
