@@ -41,6 +41,10 @@ from .weights import Pack
 Weight = CpuLinear | torch.Tensor
 
 
+# Query tokens per attention block in a prefill (see _Attention).
+PREFILL_Q_BLOCK = 64
+
+
 def linear(w: Weight, x: torch.Tensor) -> torch.Tensor:
     """`x Wᵀ` for `W[N, K]`; for a stacked `W[M, N, K]`, `x[T, M, K] -> [T, M, N]` per matrix."""
     if isinstance(w, torch.Tensor):
@@ -128,10 +132,17 @@ class _Attention:
         ck = cache.c_kv[self.layer, :kv_len].float()  # [n, kv_lora]
         kp = cache.k_pe[self.layer, :kv_len].float()  # [n, rope]
         q_abs = linear(self.k_b, q_nope.contiguous())  # [T, H, kv_lora]
-        scores = torch.einsum("thc,nc->thn", q_abs, ck) + torch.einsum("thr,nr->thn", q_pe, kp)
-        mask = torch.where(cache.positions[None, :kv_len] <= pos[:, None], 0.0, float("-inf"))
-        probs = torch.softmax(scores * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
-        lat = torch.einsum("thn,nc->thc", probs, ck)  # [T, H, kv_lora]
+        # Causal: a block of query tokens only reads the cache rows up to its last position (slot i holds
+        # position i), which halves a long prompt's attention work; blocks also bound the score memory.
+        # (A single block, e.g. a decode step, reads all kv_len rows: no host sync, CUDA-graph safe.)
+        lat = q_abs.new_empty(t, self.h, self.kv_lora, dtype=torch.float32)
+        for s in range(0, t, PREFILL_Q_BLOCK):
+            e = min(t, s + PREFILL_Q_BLOCK)
+            n = kv_len if t <= PREFILL_Q_BLOCK else min(kv_len, int(pos[s:e].max()) + 1)
+            sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
+            mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))
+            probs = torch.softmax(sc * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
+            lat[s:e] = torch.einsum("thn,nc->thc", probs, ck[:n])
         o = linear(self.v_b, lat)  # [T, H, v]
         return linear(self.o, o.reshape(t, self.h * self.v))
 

@@ -100,6 +100,21 @@ def test_decode_and_chunked_prefill_equal_one_shot(tiny_dir, packs, ids):
     print(f"\nchunked / decode vs one-shot: {worst}")
 
 
+def test_causal_query_blocks_equal_one_block(tiny_dir, packs, ids, monkeypatch):
+    """A prefill cut into query blocks (each reading only the cache rows up to its last position) gives
+    the one-block result: the rows it skips are exactly the ones the causal mask zeroes."""
+    from ktpack.runtime import model as model_mod
+
+    folder = packs("tiny-F32.gguf", target="cpu")
+    model = DeepseekV3Model(load_pack(folder))
+    monkeypatch.setattr(model_mod, "PREFILL_Q_BLOCK", 1 << 20)
+    one = model.forward(ids, 0, KVCache(model.config, CTX))
+    for block in (16, 33):
+        monkeypatch.setattr(model_mod, "PREFILL_Q_BLOCK", block)
+        got = model.forward(ids, 0, KVCache(model.config, CTX))
+        assert (got - one).abs().max().item() <= 1e-5, block
+
+
 def test_cache_bounds(tiny_dir, packs, ids):
     folder = packs("tiny-F32.gguf", target="cpu")
     model = DeepseekV3Model(load_pack(folder))
