@@ -49,9 +49,11 @@ def hand_figures() -> dict[str, int]:
     small = LAYERS * (H + 1536 + 512 + H) + (LAYERS - DENSE) * (E * H + E) + H
     gpu = marlin_weights * 33 // 64 + 4 * small
     node = 0
+    # routed experts in ggml_lanes_v1: a 16-row lane block of Q4_K is 2368 bytes (148 a row per 256
+    # values: the 12 packed scale bytes are stored as 16), of Q6_K 3360 (210, as in the GGUF)
     for i in range(DENSE, LAYERS):
-        gate_up = 2 * E * INTER * H * 144 // 256
-        down = E * H * INTER * (210 if use_more_bits(i, LAYERS) else 144) // 256
+        gate_up = 2 * E * INTER * H * 148 // 256
+        down = E * H * INTER * (210 if use_more_bits(i, LAYERS) else 148) // 256
         node += (gate_up + down) // 2
     embd = VOCAB * H * 144 // 256
     return {"gpu": gpu, "node0": node + embd, "node1": node}
