@@ -78,6 +78,7 @@ class DecodeStep {
   const float *cos_, *sin_;
   // buffers
   std::vector<float> part_;  // per-chunk partial latent sums [2 * threads][H][kv_lora]
+  std::vector<float> cmax_, csum_;  // per-chunk softmax max and sum of exps [2 * threads][H]
   std::vector<float> x_, a_, qa_, q_, kv_, qnope_, qabs_, s_, lat_, o_, attn_, f_, ffn_, sh_, rs_, ch_;
   std::vector<int64_t> idx_;
   std::vector<float> w_;

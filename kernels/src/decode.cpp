@@ -92,6 +92,8 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
   s_.resize(size_t(H * c_.ctx));
   lat_.resize(size_t(H * c_.kv_lora));
   part_.resize(size_t(2 * pool().threads() * H * c_.kv_lora));
+  cmax_.resize(size_t(2 * pool().threads() * H));
+  csum_.resize(size_t(2 * pool().threads() * H));
   o_.resize(size_t(H * c_.vdim));
   attn_.resize(size_t(c_.hidden));
   f_.resize(size_t(c_.hidden));
@@ -150,25 +152,37 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
     else
       for (int64_t i = 0; i < tasks; ++i) fn(i, 0);
   };
+  // One pass per chunk (flash-decoding): scores, the chunk's own softmax (max m_j, sum of exps l_j) and
+  // its unnormalized latent sum, while the chunk's cache rows are still in L2; then the chunks combine
+  // as lat = sum_j e^(m_j - M) part_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
   run(nch, [&](int64_t j, int) {
-    kt.attn_scores(qabs_.data(), D, q_.data() + c_.nope, qk, H, cache_c, D, cache_k, R, j * rows_per,
-                   std::min(n, (j + 1) * rows_per), scale, s_.data(), c_.ctx);
-  });
-  run(H, [&](int64_t h, int) {
-    float* s = s_.data() + h * c_.ctx;
-    const float mx = *std::max_element(s, s + n);
-    const float inv = 1.f / kt.exp_sum(s, n, mx);
-    for (int64_t t = 0; t < n; ++t) s[t] *= inv;
-  });
-  run(nch, [&](int64_t j, int) {
+    const int64_t t0 = j * rows_per, t1 = std::min(n, (j + 1) * rows_per);
+    kt.attn_scores(qabs_.data(), D, q_.data() + c_.nope, qk, H, cache_c, D, cache_k, R, t0, t1, scale, s_.data(),
+                   c_.ctx);
+    for (int64_t h = 0; h < H; ++h) {
+      float* s = s_.data() + h * c_.ctx + t0;
+      const float mx = *std::max_element(s, s + (t1 - t0));
+      cmax_[size_t(j * H + h)] = mx;
+      csum_[size_t(j * H + h)] = kt.exp_sum(s, t1 - t0, mx);
+    }
     float* part = part_.data() + j * H * D;
     std::fill(part, part + H * D, 0.f);
-    kt.attn_values(s_.data(), c_.ctx, H, cache_c, D, j * rows_per, std::min(n, (j + 1) * rows_per), part);
+    kt.attn_values(s_.data(), c_.ctx, H, cache_c, D, t0, t1, part);
   });
-  std::copy(part_.data(), part_.data() + H * D, lat_.data());
-  for (int64_t j = 1; j < nch; ++j) {
-    const float* part = part_.data() + j * H * D;
-    for (int64_t i = 0; i < H * D; ++i) lat_[size_t(i)] += part[i];
+  for (int64_t h = 0; h < H; ++h) {
+    float M = cmax_[size_t(h)];
+    for (int64_t j = 1; j < nch; ++j) M = std::max(M, cmax_[size_t(j * H + h)]);
+    float L = 0.f;
+    float* out = lat_.data() + h * D;
+    std::fill(out, out + D, 0.f);
+    for (int64_t j = 0; j < nch; ++j) {
+      const float e = std::exp(cmax_[size_t(j * H + h)] - M);
+      L += e * csum_[size_t(j * H + h)];
+      const float* part = part_.data() + (j * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) out[i] += e * part[i];
+    }
+    const float inv = 1.f / L;
+    for (int64_t i = 0; i < D; ++i) out[i] *= inv;
   }
   clk.to(kAttnCore);
   ly.v_b->forward(lat_.data(), 1, o_.data());  // [H][vdim]
