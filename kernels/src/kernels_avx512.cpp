@@ -907,10 +907,26 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
 // (all of a block's lines at once measured 35% slower from DRAM: the fill buffers overflow).
 int kPrefetchFar = 0;  // KTPACK_PREFETCH_FAR: a second prefetch this far ahead, into L2 (0: off)
 inline void prefetch_lines(const uint8_t* p, int lines) {
+  if (kPrefetch < 0) return;  // KTPACK_PREFETCH=-1: none (the hardware prefetchers alone)
   for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64 * i, _MM_HINT_T0);
   if (kPrefetchFar)
     for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchFar + 64 * i, _MM_HINT_T2);
 }
+
+// The activation rows of MT tokens as a lane kernel reads them: codes, one scale per `block` values, the
+// sums of every 16 codes.
+template <int MT>
+struct TokenRows {
+  const int8_t* q[MT];
+  const float* d[MT];
+  const int32_t* s16[MT];
+  TokenRows(const QAct& a, int r0, int block) {
+    for (int t = 0; t < MT; ++t) {
+      const int64_t ar = a.row(r0 + t);
+      q[t] = a.q + ar * a.k, d[t] = a.d + ar * (a.k / block), s16[t] = a.s16 + ar * (a.k / 16);
+    }
+  }
+};
 
 inline __m512i load_u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
 
@@ -920,15 +936,9 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   const int64_t nb = w.k / 256;
   const uint8_t* base = w.data + g * nb * BB;
   const __m512i m4 = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(char(0xF0));
-  const int8_t* xq[MT];
-  const float* xd[MT];
-  const int32_t* xs[MT];
+  const TokenRows<MT> x(a, r0, 256);
   __m512 f[MT];
-  for (int t = 0; t < MT; ++t) {
-    const int64_t ar = a.row(r0 + t);
-    xq[t] = a.q + ar * a.k, xd[t] = a.d + ar * (a.k / 256), xs[t] = a.s16 + ar * (a.k / 16);
-    f[t] = _mm512_setzero_ps();
-  }
+  for (int t = 0; t < MT; ++t) f[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
     if constexpr (MT == 1) prefetch_lines(blk + 2048, 5);  // scales; the code rows prefetch their own lines
@@ -945,9 +955,9 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
           // high nibbles in place (16 x the code: no shift here; the sums are divided by 16, exactly, below)
           const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(v, mf0);
           for (int t = 0; t < MT; ++t) {
-            const int8_t* x = xq[t] + 256 * b + 128 * h + 4 * r;
-            lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, bcast4(x));
-            hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, bcast4(x + 64));
+            const int8_t* xt = x.q[t] + 256 * b + 128 * h + 4 * r;
+            lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, bcast4(xt));
+            hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, bcast4(xt + 64));
           }
         }
         const __m512i sl = load_u8x16(blk + 2048 + 16 * (4 * h + s));
@@ -963,13 +973,13 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2304)));
     const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2336)));
     for (int t = 0; t < MT; ++t) {
-      const int32_t* s16 = xs[t] + 16 * b;
+      const int32_t* s16 = x.s16[t] + 16 * b;
       __m512i im = _mm512_setzero_si512();
       for (int p = 0; p < 4; ++p) {
         const uint32_t lo = uint16_t(s16[4 * p] + s16[4 * p + 1]), hi = uint16_t(s16[4 * p + 2] + s16[4 * p + 3]);
         im = _mm512_dpwssd_epi32(im, mn[p], _mm512_set1_epi32(int(lo | hi << 16)));
       }
-      const __m512 dx = _mm512_set1_ps(xd[t][b]);
+      const __m512 dx = _mm512_set1_ps(x.d[t][b]);
       f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx),
                              _mm512_fnmadd_ps(_mm512_cvtepi32_ps(im), _mm512_mul_ps(dm, dx), f[t]));
     }
@@ -983,15 +993,9 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   const int64_t nb = w.k / 256;
   const uint8_t* base = w.data + g * nb * BB;
   const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
-  const int8_t* xq[MT];
-  const float* xd[MT];
-  const int32_t* xs[MT];
+  const TokenRows<MT> x(a, r0, 256);
   __m512 f[MT];
-  for (int t = 0; t < MT; ++t) {
-    const int64_t ar = a.row(r0 + t);
-    xq[t] = a.q + ar * a.k, xd[t] = a.d + ar * (a.k / 256), xs[t] = a.s16 + ar * (a.k / 16);
-    f[t] = _mm512_setzero_ps();
-  }
+  for (int t = 0; t < MT; ++t) f[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
     if constexpr (MT == 1) prefetch_lines(blk + 3072, 5);  // scales; the code rows prefetch their own lines
@@ -1016,19 +1020,19 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
                                _mm512_and_si512(_mm512_srli_epi16(hv, 2), m30));
         for (int t = 0; t < MT; ++t)
           for (int i = 0; i < 4; ++i)
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], c[i], bcast4(xq[t] + 256 * b + 64 * i + 4 * r));
+            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], c[i], bcast4(x.q[t] + 256 * b + 64 * i + 4 * r));
       }
       for (int i = 0; i < 4; ++i) {  // codes are offset by 32: subtract 32 * the sub-block's activation sum
         const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 3072 + 16 * (4 * i + s))));
         for (int t = 0; t < MT; ++t) {
-          const __m512i dot = _mm512_sub_epi32(acc[t][i], _mm512_set1_epi32(32 * xs[t][16 * b + 4 * i + s]));
+          const __m512i dot = _mm512_sub_epi32(acc[t][i], _mm512_set1_epi32(32 * x.s16[t][16 * b + 4 * i + s]));
           isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc));
         }
       }
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 3328)));
     for (int t = 0; t < MT; ++t)
-      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, _mm512_set1_ps(xd[t][b])), f[t]);
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, _mm512_set1_ps(x.d[t][b])), f[t]);
   }
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
 }
@@ -1040,15 +1044,9 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   constexpr int BB = 544;
   const int64_t nb = w.k / 32;
   const uint8_t* base = w.data + g * nb * BB;
-  const int8_t* xq[MT];
-  const float* xd[MT];
-  const int32_t* xs[MT];
+  const TokenRows<MT> x(a, r0, 32);
   __m512 f[MT];
-  for (int t = 0; t < MT; ++t) {
-    const int64_t ar = a.row(r0 + t);
-    xq[t] = a.q + ar * a.k, xd[t] = a.d + ar * (a.k / 32), xs[t] = a.s16 + ar * (a.k / 16);
-    f[t] = _mm512_setzero_ps();
-  }
+  for (int t = 0; t < MT; ++t) f[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
     if constexpr (MT == 1) prefetch_lines(blk, 9);  // 8.5 lines a block: a line ahead of every line read
@@ -1056,12 +1054,12 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
     for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
     for (int r = 0; r < 8; ++r) {
       const __m512i v = _mm512_loadu_si512(blk + 64 * r);
-      for (int t = 0; t < MT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], v, bcast4(xq[t] + 32 * b + 4 * r));
+      for (int t = 0; t < MT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], v, bcast4(x.q[t] + 32 * b + 4 * r));
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 512)));
     for (int t = 0; t < MT; ++t) {
-      const __m512i dot = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(128 * (xs[t][2 * b] + xs[t][2 * b + 1])));
-      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[t][b])), f[t]);
+      const __m512i dot = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(128 * (x.s16[t][2 * b] + x.s16[t][2 * b + 1])));
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.d[t][b])), f[t]);
     }
   }
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
