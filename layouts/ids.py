@@ -42,9 +42,9 @@ AMX_N_BLOCK = 4  # n-tiles a micro-kernel accumulates at once; the N-block is th
 
 MARLIN_GROUP = 128
 
-# The --cpu-layout names users type, and the layout id each selects. `ggml` keeps the GGUF's quant
-# blocks losslessly, in ggml_lanes_v1 where the type and shape allow it (faster) and ggml_rows_v1
-# elsewhere; `ggml-rows` keeps every tensor in ggml_rows_v1.
+# The --cpu-layout names users type, and the layout id each selects. `ggml` keeps the GGUF's weights
+# exactly: Q4_K/Q6_K/Q8_0 in ggml_lanes_v1 and BF16 in amx_bf16_v1 (exact for bf16 values) where the
+# shape allows it (faster), ggml_rows_v1 elsewhere; `ggml-rows` keeps every tensor in ggml_rows_v1.
 CPU_LAYOUT_CHOICES = {
     "ggml": GGML_ROWS,
     "ggml-rows": GGML_ROWS,
