@@ -508,8 +508,27 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
         "engines": {},
     }
     log(f"{src.name}: {info['decode_bytes_per_token'] / 1e6:.1f} MB per decode step, roofline {roof:.1f} tok/s")
-    reps = Reps(args.quiet, args.quiet_timeout, args.max_discards)
     eng = res["engines"]
+    for rnd in range(args.rounds):  # rounds: each engine again after the others, reps pooled (host drift)
+        if args.rounds > 1:
+            log(f"{src.name}: round {rnd + 1}/{args.rounds}")
+        one: dict[str, Any] = {}
+        _engines_once(src, args, llama_python, ids, ids_npy, work, one)
+        for name, r in one.items():
+            if name not in eng or "error" in eng[name]:
+                eng[name] = r
+            elif "reps" in r:
+                eng[name]["reps"] += r["reps"]
+                eng[name].setdefault("discarded", []).extend(r.get("discarded", []))
+    _summarize(res, args, src, ids, work, roof)
+    return res
+
+
+def _engines_once(
+    src: Path, args: argparse.Namespace, llama_python: str | None, ids: list[int], ids_npy: Path, work: Path,
+    eng: dict[str, Any],
+) -> None:  # fmt: skip
+    reps = Reps(args.quiet, args.quiet_timeout, args.max_discards)
     if "ktpack" in args.engines:
         packed = packed_dir(args.work, src, args.cpu_layout)
         try:
@@ -539,6 +558,10 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
         except (subprocess.SubprocessError, RuntimeError, OSError, ValueError) as e:
             log(f"ik_llama.cpp on {src.name} failed: {e}")
             eng["ik_llama.cpp"] = {"error": str(e)}
+
+
+def _summarize(res: dict[str, Any], args: argparse.Namespace, src: Path, ids: list[int], work: Path, roof: float):
+    eng = res["engines"]
     for r in eng.values():
         if "reps" in r:
             r["prefill_tok_s"] = _median(r["reps"], "prefill_tok_s")
@@ -564,7 +587,6 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
                 x.pop("output_ids", None)
             for x in r.get("discarded", []):
                 x.pop("output_ids", None)
-    return res
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -573,7 +595,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def _agree(res: dict[str, Any]) -> str:
     g, tf = res.get("greedy_agreement"), res.get("teacher_forced")
-    out = f"{g}/{N_GEN}" if g is not None else "-"
+    n = len(res.get("engines", {}).get("ktpack", {}).get("output_ids") or []) or N_GEN
+    out = f"{g}/{n}" if g is not None else "-"
     return out + (f" (tf {tf['agree']}/{tf['n']})" if tf else "")
 
 
@@ -687,6 +710,9 @@ def main() -> None:
     ap.add_argument("--kt-run", default=_venv_tool("kt-run"))
     ap.add_argument("--kt-convert", default=_venv_tool("kt-convert"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run the engines one after another this many times per file, reps pooled"
+    )
     ap.add_argument("--n-gen", type=int, default=N_GEN)
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt ids")
     ap.add_argument("--quiet", type=float, default=0.05, help="others' CPU allowed during a rep, in cores")
@@ -732,6 +758,7 @@ def main() -> None:
         "host": os.uname().nodename,
         "cpu": _cpu_model(),
         "threads": args.threads,
+        "rounds": args.rounds,
         "n_prompt": N_PROMPT,
         "n_gen": args.n_gen,
         "bandwidth": bw,
