@@ -905,12 +905,9 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
 
 // Decode prefetches the block kPrefetch bytes ahead a few lines per tile row, spread over the block
 // (all of a block's lines at once measured 35% slower from DRAM: the fill buffers overflow).
-int kPrefetchFar = 0;  // KTPACK_PREFETCH_FAR: a second prefetch this far ahead, into L2 (0: off)
 inline void prefetch_lines(const uint8_t* p, int lines) {
   if (kPrefetch < 0) return;  // KTPACK_PREFETCH=-1: none (the hardware prefetchers alone)
   for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64 * i, _MM_HINT_T0);
-  if (kPrefetchFar)
-    for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchFar + 64 * i, _MM_HINT_T2);
 }
 
 // The activation rows of MT tokens as a lane kernel reads them: codes, one scale per `block` values, the
@@ -1111,7 +1108,6 @@ struct Bf16NB {
 void fill_kernels_avx512(Kernels* k) {
   using namespace avx512;
   if (const char* e = std::getenv("KTPACK_PREFETCH")) kPrefetch = std::atoi(e);
-  if (const char* e = std::getenv("KTPACK_PREFETCH_FAR")) kPrefetchFar = std::atoi(e);
   k->name = "avx512";
   fill_generic(k);
   k->silu_mul = silu_mul_v;

@@ -55,22 +55,10 @@ int64_t row_align(const WMat& w) {
 bool is_integer(WType t) { return t != WType::ggml_bf16 && t != WType::ggml_f32 && t != WType::amx_bf16; }
 
 int act_block(const WMat& w) {
-  switch (w.type) {
-    case WType::ggml_q8_0:
-    case WType::ggml_q4_0:
-    case WType::ggml_q4_1:
-    case WType::ggml_q5_0:
-    case WType::ggml_q5_1:
-    case WType::lanes_q8_0: return 32;
-    case WType::ggml_q4_k:
-    case WType::ggml_q5_k:
-    case WType::ggml_q6_k:
-    case WType::lanes_q4_k:
-    case WType::lanes_q6_k: return 256;
-    case WType::amx_int4: return w.group;
-    case WType::amx_int8: return 64;
-    default: return 16;
-  }
+  if (w.type == WType::amx_int4) return w.group;
+  if (w.type == WType::amx_int8) return 64;
+  const int block = ggml_block_values(w.type);  // ggml and lanes quant types: one scale per source block
+  return block > 1 ? block : 16;
 }
 
 int64_t matrix_bytes(const WMat& w) {
