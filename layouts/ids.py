@@ -21,7 +21,7 @@ SHARD_MAGIC = b"KTPKSHRD"
 # Layout ids.
 PLAIN = "plain_v1"  # row-major little-endian f32 / f16 / bf16
 GGML_ROWS = "ggml_rows_v1"  # GGUF quant blocks kept bit-exact, ROWS rows interleaved block by block
-GGML_LANES = "ggml_lanes_v1"  # Q4_K / Q6_K blocks of 16 rows side by side, one row per SIMD lane (lossless)
+GGML_LANES = "ggml_lanes_v1"  # Q4_K/Q6_K/Q8_0 blocks of 16 rows side by side, one row per SIMD lane (lossless)
 AMX_BF16 = "amx_bf16_v1"  # 16 n x 32 k bf16 VNNI-2 tiles (1 KiB)
 AMX_INT8 = "amx_int8_v1"  # 16 n x 64 k uint8 (q+128) VNNI-4 tiles (1 KiB), f32 scale per output row
 AMX_INT4 = "amx_int4_v1"  # 16 n x 128 k uint4b8 blocks (1 KiB), f32 scale per (row, group)

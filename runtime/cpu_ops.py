@@ -82,7 +82,7 @@ def act_block(entry: TensorEntry) -> int | None:
     """Values per activation scale the native engine uses for this weight (None: f32 activations)."""
     layout, params = entry.layout, entry.params
     if layout == L.GGML_LANES:
-        return 32 if params.get("ggml_type") == "Q8_0" else 256
+        return ggml_lanes.BLOCK_VALUES[params["ggml_type"]]
     if layout == L.GGML_ROWS:
         return {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}.get(
             params.get("ggml_type", "")

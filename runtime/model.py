@@ -138,7 +138,7 @@ class _Attention:
         lat = q_abs.new_empty(t, self.h, self.kv_lora, dtype=torch.float32)
         for s in range(0, t, PREFILL_Q_BLOCK):
             e = min(t, s + PREFILL_Q_BLOCK)
-            n = kv_len if t <= PREFILL_Q_BLOCK else min(kv_len, int(pos[s:e].max()) + 1)
+            n = kv_len if t <= PREFILL_Q_BLOCK else min(kv_len, int(pos[e - 1]) + 1)  # positions ascend
             sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
             mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))
             probs = torch.softmax(sc * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
