@@ -54,7 +54,9 @@ def isa() -> str:
 _GGML_FORMATS = {"Q8_0": "ggml_q8_0", "Q4_K": "ggml_q4_k", "Q5_K": "ggml_q5_k", "Q6_K": "ggml_q6_k",
                  "BF16": "ggml_bf16", "F32": "ggml_f32", "Q4_0": "ggml_q4_0", "Q4_1": "ggml_q4_1",
                  "Q5_0": "ggml_q5_0", "Q5_1": "ggml_q5_1"}  # fmt: skip
-_LANES_FORMATS = {"Q4_K": "lanes_q4_k", "Q6_K": "lanes_q6_k", "Q8_0": "lanes_q8_0"}
+# Q5_0 / Q4_0 sources are stored as Q8_0 lane blocks (layouts/ggml_lanes.py): the Q8_0 lanes kernel runs them
+_LANES_FORMATS = {"Q4_K": "lanes_q4_k", "Q6_K": "lanes_q6_k", "Q8_0": "lanes_q8_0",
+                  "Q5_0": "lanes_q8_0", "Q4_0": "lanes_q8_0"}  # fmt: skip
 _AMX_FORMATS = {"amx_int4_v1": "amx_int4", "amx_int8_v1": "amx_int8", "amx_bf16_v1": "amx_bf16"}
 _selected: str | None = None
 

@@ -124,6 +124,27 @@ def unpack(buf: np.ndarray, shape: tuple[int, ...], ggml_type: str, rows: int = 
     return out.reshape(*shape[:-1], rb) if len(shape) > 1 else out.reshape(rb)
 
 
+def gather_rows(
+    buf: np.ndarray, shape: tuple[int, int], ggml_type: str, idx: np.ndarray, rows: int = GGML_ROWS_PER_GROUP
+) -> np.ndarray:
+    """Source bytes of rows `idx` of one packed matrix `[N, K]`: `unpack(buf, shape, ...)[idx]`, reading
+    only those rows' blocks (an embedding lookup touches a few rows of a large matrix)."""
+    n, k = shape
+    rb = row_bytes(ggml_type, k)
+    _, bb = block_geometry(ggml_type)
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"row {int(idx.max() if idx.max() >= n else idx.min())} outside 0..{n - 1}")
+    full = n // rows * rows
+    lo = idx // rows * rows
+    r = np.where(lo < full, rows, n - full)  # rows in the group: the last one may be short
+    nb = rb // bb
+    # block b of row i of a group of r rows starting at row lo: byte lo * rb + (b * r + i) * bb (see pack)
+    off = (lo * rb)[:, None] + (np.arange(nb)[None, :] * r[:, None] + (idx - lo)[:, None]) * bb
+    flat = np.asarray(buf).view(np.uint8).reshape(-1)
+    return flat[off[:, :, None] + np.arange(bb)].reshape(idx.size, rb)
+
+
 def dequantize(raw: np.ndarray, ggml_type: str) -> np.ndarray:
     """Float32 values of source bytes `raw[..., row_bytes]` (gguf-py's reference dequantizer)."""
     from gguf.quants import dequantize as gg_dequantize

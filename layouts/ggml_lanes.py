@@ -1,4 +1,4 @@
-"""`ggml_lanes_v1`: GGUF blocks (Q4_K, Q6_K, Q8_0) re-arranged so that one SIMD lane is one output row.
+"""`ggml_lanes_v1`: GGUF blocks (Q4_K, Q6_K, Q8_0; Q5_0, Q4_0 as Q8_0) re-arranged so one SIMD lane is one row.
 
 `ggml_rows_v1` keeps each block's bytes as they are; a kernel then needs shuffles and horizontal
 sums to use them. Here the same fields (codes, sub-block scales and mins, super-block f16 scales) of
@@ -22,6 +22,9 @@ Lane block of Q6_K (3360 bytes):
 Lane block of Q8_0 (544 bytes, one 32-value block of 16 rows):
   0     codes: byte r*64 + c*4 + t (r = 0..7) = (code of k = 4r + t) XOR 0x80 (the unsigned q + 128)
   512   d: f16 [16]
+Q5_0 and Q4_0 sources are stored as Q8_0 lane blocks: their value d*(q - 16), d*(q - 8) is the Q8_0
+value d*q' with the int8 code q' = q - 16 (q - 8) and the same f16 d, so the recoding is exact both
+ways (unpack gives back the Q5_0 / Q4_0 bytes) and one kernel serves the three types.
 A matrix [N, K] (N % 16 == 0, K a multiple of the type's block: 256, or 32 for Q8_0) is its N/16 row
 groups one after another, each its lane blocks in K order; a stack [..., N, K] is its matrices one
 after another.
@@ -34,10 +37,11 @@ import numpy as np
 from .errors import LayoutError
 
 LANES = 16
-TYPES: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0")
-SOURCE_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210, "Q8_0": 34}
-LANE_BLOCK_BYTES = {"Q4_K": 2368, "Q6_K": 3360, "Q8_0": 544}
-BLOCK_VALUES = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 32}
+TYPES: tuple[str, ...] = ("Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0")
+SOURCE_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210, "Q8_0": 34, "Q5_0": 22, "Q4_0": 18}
+LANE_BLOCK_BYTES = {"Q4_K": 2368, "Q6_K": 3360, "Q8_0": 544, "Q5_0": 544, "Q4_0": 544}
+BLOCK_VALUES = {"Q4_K": 256, "Q6_K": 256, "Q8_0": 32, "Q5_0": 32, "Q4_0": 32}
+AS_Q8_0 = {"Q5_0": 16, "Q4_0": 8}  # stored as Q8_0 lane blocks: code offset of the source type
 
 
 def supports(shape: tuple[int, ...], ggml_type: str) -> str | None:
@@ -124,6 +128,34 @@ def _q6k_blocks(f: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
+def _legacy_to_q8_0(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
+    """Q5_0 / Q4_0 blocks [..., 22 or 18] -> the Q8_0 blocks [..., 34] of the same values."""
+    lead = blocks.shape[:-1]
+    qs = blocks[..., -16:]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int16)  # value j, j + 16
+    if ggml_type == "Q5_0":
+        qh = blocks[..., 2:6].copy().view("<u4")  # bit j: high bit of value j
+        bits = (qh >> np.arange(32, dtype=np.uint32)) & 1
+        q |= (bits << 4).astype(np.int16)
+    out = np.empty((*lead, 34), np.uint8)
+    out[..., 0:2] = blocks[..., 0:2]
+    out[..., 2:34] = (q - AS_Q8_0[ggml_type]).astype(np.int8).view(np.uint8)
+    return out
+
+
+def _q8_0_to_legacy(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
+    """Inverse of _legacy_to_q8_0."""
+    lead = blocks.shape[:-1]
+    q = (blocks[..., 2:34].view(np.int8).astype(np.int16) + AS_Q8_0[ggml_type]).astype(np.uint8)
+    out = np.empty((*lead, SOURCE_BLOCK_BYTES[ggml_type]), np.uint8)
+    out[..., 0:2] = blocks[..., 0:2]
+    out[..., -16:] = (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)
+    if ggml_type == "Q5_0":
+        bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+        out[..., 2:6] = np.bitwise_or.reduce(bits, axis=-1).astype("<u4")[..., None].view(np.uint8)
+    return out
+
+
 def _nibble_tiles(codes4: np.ndarray) -> np.ndarray:
     """4-bit codes [..., 16 rows, 256] -> [..., 2048] in the amx_int4 block order (two halves)."""
     lead = codes4.shape[:-2]
@@ -146,6 +178,8 @@ def _blocks_to_lanes(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
     """Source blocks [G, 16, nb, bytes] -> lane blocks [G, nb, lane bytes]."""
     g, _, nb, _ = blocks.shape
     bl = blocks.transpose(0, 2, 1, 3)  # [G, nb, 16, bytes]
+    if ggml_type in AS_Q8_0:
+        bl, ggml_type = _legacy_to_q8_0(bl, ggml_type), "Q8_0"
     out = np.empty((g, nb, LANE_BLOCK_BYTES[ggml_type]), np.uint8)
     if ggml_type == "Q8_0":
         codes = bl[..., 2:34].reshape(g, nb, LANES, 8, 4).transpose(0, 1, 3, 2, 4)  # [r][c][t]
@@ -174,6 +208,9 @@ def _blocks_to_lanes(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
 def _lanes_to_blocks(lanes: np.ndarray, ggml_type: str) -> np.ndarray:
     """Inverse: lane blocks [G, nb, lane bytes] -> source blocks [G, 16, nb, bytes]."""
     g, nb, _ = lanes.shape
+    if ggml_type in AS_Q8_0:
+        q8 = _lanes_to_blocks(lanes, "Q8_0").transpose(0, 2, 1, 3)  # [G, nb, 16, 34]
+        return _q8_0_to_legacy(q8, ggml_type).transpose(0, 2, 1, 3)
     if ggml_type == "Q8_0":
         blocks = np.empty((g, nb, LANES, 34), np.uint8)
         blocks[..., 0:2] = lanes[..., 512:544].reshape(g, nb, LANES, 2)

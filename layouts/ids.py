@@ -10,7 +10,7 @@ from __future__ import annotations
 # Format of the packed folder (manifest.json). A reader refuses another major.
 FORMAT_NAME = "ktpack"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # 1.1: ggml_lanes_v1
+FORMAT_MINOR = 2  # 1.1: ggml_lanes_v1; 1.2: its Q5_0 / Q4_0 sources (as Q8_0 lane blocks)
 
 # Alignment of every piece inside a CPU shard, and of shard headers: one page, so the
 # runtime can mmap a shard and bind each piece to a NUMA node with page granularity.

@@ -200,25 +200,17 @@ class Pack:
         data = self.piece_bytes(t.pieces[0])
         n, k = (int(d) for d in t.shape)
         idx = ids.reshape(-1).tolist()
-        out = torch.empty((len(idx), k), dtype=torch.float32)
         if t.layout != L.GGML_ROWS:
             full = cpu_ops.dequant_matrix(t, data, t.shape)
             return torch.from_numpy(np.ascontiguousarray(full[idx]))
         from ..layouts import ggml
 
-        gtype, rows = t.params["ggml_type"], int(t.params["rows"])
-        rb = ggml.row_bytes(gtype, k)
-        groups: dict[int, np.ndarray] = {}
-        for j, r in enumerate(idx):
-            if not 0 <= r < n:
-                raise IndexError(f"token id {r} outside the vocabulary (0..{n - 1})")
-            g = r // rows
-            if g not in groups:
-                lo = g * rows
-                rg = min(rows, n - lo)  # the last group may be shorter
-                raw = ggml.unpack(data[lo * rb : (lo + rg) * rb], (rg, k), gtype, rows)
-                groups[g] = ggml.dequantize(raw, gtype).reshape(rg, k)
-            out[j] = torch.from_numpy(groups[g][r - g * rows])
+        bad = [r for r in idx if not 0 <= r < n]
+        if bad:
+            raise IndexError(f"token id {bad[0]} outside the vocabulary (0..{n - 1})")
+        gtype = t.params["ggml_type"]
+        raw = ggml.gather_rows(data, (n, k), gtype, np.asarray(idx, np.int64), int(t.params["rows"]))
+        out = torch.from_numpy(ggml.dequantize(raw, gtype).reshape(len(idx), k))
         return out.reshape(*ids.shape, k)
 
     def close(self) -> None:

@@ -101,6 +101,8 @@ CASES = [
     ("lanes_Q4_K", lambda: lanes_weights("Q4_K", 48, 768), True),
     ("lanes_Q6_K", lambda: lanes_weights("Q6_K", 32, 512), True),
     ("lanes_Q8_0", lambda: lanes_weights("Q8_0", 32, 96), True),
+    ("lanes_Q5_0", lambda: lanes_weights("Q5_0", 32, 128), True),  # stored and run as Q8_0 lane blocks
+    ("lanes_Q4_0", lambda: lanes_weights("Q4_0", 16, 64), True),
     ("amx_int4_g32", lambda: amx_weights("int4", 48, 384, 32), True),
     ("amx_int4_g64", lambda: amx_weights("int4", 80, 256, 64), True),
     ("amx_int4_g128", lambda: amx_weights("int4", 16, 128, 128), True),

@@ -149,6 +149,19 @@ def test_numa_rejects_bad_counts():
         numa.split_bounds(2048, 0, 256)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "BF16"])
+def test_gather_rows_is_unpack_then_index(qtype):
+    """The embedding's row lookup reads the same bytes as unpacking the whole matrix, tail group included."""
+    n, k = 3 * GGML_ROWS_PER_GROUP + 5, 512
+    raw = _raw(qtype, (n, k), seed=2)
+    packed = ggml.pack(raw, qtype)
+    idx = np.array([0, n - 1, 7, GGML_ROWS_PER_GROUP, n - 5, 7, 3 * GGML_ROWS_PER_GROUP - 1])
+    full = ggml.unpack(packed, (n, k), qtype)
+    assert np.array_equal(ggml.gather_rows(packed, (n, k), qtype, idx), full[idx])
+    with pytest.raises(IndexError, match="outside"):
+        ggml.gather_rows(packed, (n, k), qtype, np.array([n]))
+
+
 # ---------------------------------------------------------------------------- ggml_lanes_v1
 
 
@@ -181,7 +194,7 @@ def test_lanes_geometry_matches_spec(qtype):
     for row, col in zip(rng.integers(0, n, 40), rng.integers(0, k, 40), strict=True):
         blk, c, kk = lanes[row // 16, col // 256], row % 16, col % 256
         r, t = (kk % 64) // 4, kk % 4
-        if qtype == "Q8_0":
+        if ggml_lanes.BLOCK_VALUES[qtype] == 32:  # Q8_0, and Q5_0 / Q4_0 stored as Q8_0 (codes q - 16, q - 8)
             kk = col % 32
             blk = lanes_q8[row // 16, col // 32]
             code = int(blk[(kk // 4) * 64 + c * 4 + kk % 4]) - 128  # stored q + 128
@@ -204,10 +217,24 @@ def test_lanes_geometry_matches_spec(qtype):
         assert np.isclose(w[row, col], want, rtol=1e-6, atol=0), (row, col)
 
 
+@pytest.mark.parametrize("qtype", sorted(ggml_lanes.AS_Q8_0))
+def test_lanes_legacy_types_are_their_q8_0_values(qtype):
+    """Q5_0 / Q4_0 stored as Q8_0 lane blocks: gguf-py dequantizes the recoded Q8_0 blocks to exactly
+    the source's values, and the lane bytes equal those of packing that Q8_0 source directly."""
+    raw = _raw(qtype, (32, 256), seed=7)
+    bb = ggml.block_geometry(qtype)[1]
+    q8 = ggml_lanes._legacy_to_q8_0(raw.reshape(32, 8, bb), qtype)  # [rows][blocks][34]
+    want = gg_dequantize(raw, GGMLQuantizationType[qtype])
+    got = gg_dequantize(q8.reshape(32, -1), GGMLQuantizationType.Q8_0)
+    assert np.array_equal(got, want)
+    assert np.array_equal(ggml_lanes.pack(raw, qtype), ggml_lanes.pack(q8.reshape(32, -1), "Q8_0"))
+
+
 def test_lanes_refuses_what_it_cannot_store():
     assert "multiple of 16" in ggml_lanes.supports((24, 256), "Q4_K")
     assert "multiple of 256" in ggml_lanes.supports((16, 384), "Q6_K")
     assert "multiple of 32" in ggml_lanes.supports((16, 48), "Q8_0")
     assert "not Q5_K" in ggml_lanes.supports((16, 256), "Q5_K")
+    assert "not Q5_1" in ggml_lanes.supports((16, 256), "Q5_1")  # a min per block: not a Q8_0 value
     with pytest.raises(LayoutError, match="needs"):
         ggml_lanes.unpack(np.zeros(10, np.uint8), (16, 256), "Q4_K")
