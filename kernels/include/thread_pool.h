@@ -57,6 +57,11 @@ class ThreadPool {
   alignas(64) std::atomic<uint32_t> gen_{0};   // futex word: the latest job's generation
   alignas(64) std::atomic<int64_t> done_{0};   // tasks finished in the current job
   alignas(64) std::atomic<uint32_t> fin_{0};   // futex word: the generation whose tasks all finished
+  // Threads inside (or about to enter) a futex wait on gen_ / fin_: a wake-up is a system call (~1 us in
+  // a VM, twice per job), made only when somebody sleeps. Each side stores its word, then loads the
+  // other's (seq_cst), so a sleeper either sees the new value or is seen and woken.
+  alignas(64) std::atomic<int> gen_sleepers_{0};
+  alignas(64) std::atomic<int> fin_sleepers_{0};
   std::atomic<bool> stop_{false};
 };
 

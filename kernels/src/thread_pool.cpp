@@ -121,8 +121,8 @@ void ThreadPool::drain(int id, uint32_t gen) {
       if (!c.state.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       (*fn_)(int64_t(next), id);
       if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
-        fin_.store(gen, std::memory_order_release);
-        futex_wake_all(&fin_);
+        fin_.store(gen, std::memory_order_seq_cst);
+        if (fin_sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&fin_);
       }
       v = c.state.load(std::memory_order_acquire);
     }
@@ -137,9 +137,11 @@ void ThreadPool::worker(int id) {
     uint32_t g;
     while ((g = gen_.load(std::memory_order_acquire)) == seen) {
       if (spin_us_ <= 0 || std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
-        futex_wait(&gen_, seen);
+        gen_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        if (gen_.load(std::memory_order_seq_cst) == seen) futex_wait(&gen_, seen);
+        gen_sleepers_.fetch_sub(1, std::memory_order_relaxed);
       } else {
-        for (int i = 0; i < 64; ++i) cpu_relax();
+        for (int i = 0; i < 8; ++i) cpu_relax();
       }
     }
     seen = g;
@@ -167,17 +169,20 @@ void ThreadPool::run(int64_t n, const Task& fn, const int64_t* node_end) {
     ranges_[j].state.store(pack_state(gen, end, begin), std::memory_order_release);
     begin = end;
   }
-  gen_.store(gen, std::memory_order_release);
-  futex_wake_all(&gen_);
+  gen_.store(gen, std::memory_order_seq_cst);
+  if (gen_sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&gen_);
   drain(0, gen);
   const auto t0 = std::chrono::steady_clock::now();
   while (fin_.load(std::memory_order_acquire) != gen) {
     const uint32_t f = fin_.load(std::memory_order_acquire);
     if (f == gen) break;
-    if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_ > 0 ? spin_us_ : 0))
-      futex_wait(&fin_, f);
-    else
-      for (int i = 0; i < 64; ++i) cpu_relax();
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_ > 0 ? spin_us_ : 0)) {
+      fin_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      if (fin_.load(std::memory_order_seq_cst) == f) futex_wait(&fin_, f);
+      fin_sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    } else {
+      for (int i = 0; i < 8; ++i) cpu_relax();
+    }
   }
   fn_ = nullptr;
 }
