@@ -169,6 +169,30 @@ def test_stacked_linear_is_per_matrix(isa, use_isa):
     assert np.allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize(
+    "fmt,n,k,lead",
+    [("lanes_Q4_K", 1040, 512, ()), ("lanes_Q8_0", 160, 256, (7,)), ("Q6_K", 451, 768, ()), ("Q8_0", 61, 576, (9,))],
+)
+def test_one_token_contiguous_split(isa, fmt, n, k, lead, use_isa):
+    """One token over >= 256 KiB of weights (these cases: 258-336 KiB) takes the decode split (each thread
+    one contiguous range of the stacked matrices' row groups; a range may start or end inside a matrix):
+    every output written, each slot by its own matrix."""
+    use_isa(isa)
+    make = lanes_weights if fmt.startswith("lanes_") else ggml_weights
+    spec, w = make(fmt.removeprefix("lanes_"), n, k, lead=lead)
+    m = int(np.prod(lead, dtype=np.int64))
+    x = _x(max(m, 1), k).reshape(1, *lead, k)
+    y = np.full((1, *lead, n), np.nan, np.float32)
+    K.Linear(spec).forward(x, y)
+    assert not np.isnan(y).any(), "some outputs were never written"
+    block = _native.act_block(spec[0], spec[7])
+    xh = quantize_act(torch.from_numpy(x), block).double().numpy()
+    want = np.einsum("t...k,...nk->t...n", xh, w.astype(np.float64))
+    scale = np.einsum("t...k,...nk->t...n", np.abs(xh), np.abs(w.astype(np.float64)))
+    assert (np.abs(y - want) <= 1e-5 * scale + 1e-30).all()
+
+
 # ---------------------------------------------------------------------------- routed experts
 
 
