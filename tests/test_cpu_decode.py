@@ -104,6 +104,17 @@ def test_integer_pack_single_steps(src, opts, packs):
     assert exact >= 10, diffs
 
 
+@pytest.mark.parametrize("src", ["tiny-F32.gguf", "tiny-BF16.gguf", "tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf"])
+def test_native_embedding_is_the_packs(src, packs):
+    """The step reads a token's embedding row itself (no Python between steps): the pack's lookup, bit for bit."""
+    model, _, step = _setup(packs(src, target="cpu"), _ids(4, 9))
+    assert step._embed is not None, "a ggml_rows token_embd must be read natively"
+    for tok in [0, 1, 4095, *_ids(8, 10).tolist()]:
+        assert torch.equal(torch.from_numpy(step._embed.row(tok)), model.pack.embedding(torch.tensor([tok]))[0])
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        step(model.config.vocab_size, 4)
+
+
 def test_router_matches_torch(packs):
     model, cache, step = _setup(packs("tiny-Q8_0.gguf", target="cpu"), _ids(4, 5))
     gen = torch.Generator().manual_seed(6)

@@ -193,6 +193,21 @@ def test_one_token_contiguous_split(isa, fmt, n, k, lead, use_isa):
     assert (np.abs(y - want) <= 1e-5 * scale + 1e-30).all()
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("gtype", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F32"])
+def test_row_dequant_is_gguf_py(isa, gtype, use_isa):
+    """The decode step's embedding row (Kernels::dequant_row) is gguf-py's dequantized row, bit for bit,
+    in every row position of the interleaved groups (13 rows: a short last group of 5)."""
+    use_isa(isa)
+    k = {"Q8_0": 96, "Q4_0": 64, "Q4_1": 64, "Q5_0": 96, "Q5_1": 64, "BF16": 40, "F32": 24}.get(gtype, 512)
+    spec, w = ggml_weights(gtype, 13, k)
+    lin = K.Linear(spec)
+    for r in range(13):
+        assert np.array_equal(lin.row(r), w[r]), r
+    with pytest.raises(IndexError):
+        lin.row(13)
+
+
 # ---------------------------------------------------------------------------- routed experts
 
 

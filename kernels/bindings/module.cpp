@@ -85,6 +85,13 @@ struct PyLinear {
     w = make_stack(spec, &keep);
     op = std::make_unique<ktpack::LinearOp>(w);
   }
+  py::array_t<float> row(int64_t n) {  // row n of a ggml_rows_v1 matrix, dequantized natively (tests)
+    if (w.count != 1 || n < 0 || n >= w.m.n) throw py::index_error("row outside the matrix");
+    py::array_t<float> out(w.m.k);
+    if (!ktpack::kernels().dequant_row(w.m, n, out.mutable_data()))
+      throw py::value_error("this weight format has no native row dequantizer");
+    return out;
+  }
   void forward(py::array x, py::array y) {
     const int64_t per = w.count * w.m.k;
     if (x.size() % per) throw py::value_error("input size is not a multiple of count * K");
@@ -205,6 +212,15 @@ struct PyDecode {
     py::gil_scoped_release nogil;
     op->forward(xp, pos, lp);
   }
+  bool set_embedding(const py::object& embed) {
+    ktpack::LinearOp* e = lin(embed);  // kept alive with the step
+    return e && op->set_embedding(e);
+  }
+  void forward_token(int64_t tok, int64_t pos, py::array logits) {
+    float* lp = f32_ptr(logits, vocab, "logits", true);
+    py::gil_scoped_release nogil;
+    op->forward_token(tok, pos, lp);
+  }
   py::dict profile(bool reset) {
     int64_t ns[ktpack::DecodeStep::kPhases], steps = 0;
     op->profile(ns, &steps);
@@ -321,7 +337,8 @@ PYBIND11_MODULE(_native, m) {
   });
   py::class_<PyLinear>(m, "Linear")
       .def(py::init<py::tuple>(), py::arg("spec"))
-      .def("forward", &PyLinear::forward, py::arg("x"), py::arg("out"));
+      .def("forward", &PyLinear::forward, py::arg("x"), py::arg("out"))
+      .def("row", &PyLinear::row, py::arg("n"), "Row n dequantized natively (ggml_rows_v1 formats).");
   py::class_<PyExperts>(m, "Experts")
       .def(py::init<py::list, int64_t, int64_t, int64_t>(), py::arg("slices"), py::arg("n_experts"),
            py::arg("hidden"), py::arg("inter"))
@@ -331,6 +348,9 @@ PYBIND11_MODULE(_native, m) {
            py::arg("config"), py::arg("layers"), py::arg("output_norm"), py::arg("head"), py::arg("c_kv"),
            py::arg("k_pe"), py::arg("cos"), py::arg("sin"))
       .def("forward", &PyDecode::forward, py::arg("x"), py::arg("pos"), py::arg("logits"))
+      .def("set_embedding", &PyDecode::set_embedding, py::arg("embed"),
+           "Use this Linear's rows as the token embedding of forward_token; False where its format cannot.")
+      .def("forward_token", &PyDecode::forward_token, py::arg("token"), py::arg("pos"), py::arg("logits"))
       .def("route", &PyDecode::route, py::arg("layer"), py::arg("f"))
       .def("profile", &PyDecode::profile, py::arg("reset") = false,
            "Seconds spent per phase since the last reset, and the number of steps.");

@@ -58,6 +58,11 @@ class DecodeStep {
              float* c_kv, float* k_pe, const float* cos, const float* sin);
   // x: the token's embedding [hidden] (not modified); logits: [vocab].
   void forward(const float* x, int64_t pos, float* logits);
+  // The same step from a token id: its row of `embed` (a ggml_rows_v1 matrix [vocab][hidden], set with
+  // set_embedding) dequantized here, so no interpreter work sits between two steps.
+  void forward_token(int64_t tok, int64_t pos, float* logits);
+  // false (and nothing set) when the matrix's type has no native row dequantizer.
+  bool set_embedding(LinearOp* embed);
   // The router alone (for tests): idx [topk], w [topk] for hidden state f [hidden] of `layer`.
   void route(int64_t layer, const float* f, int64_t* idx, float* w);
 
@@ -74,6 +79,8 @@ class DecodeStep {
   std::vector<DecodeLayer> L_;
   const float* out_norm_;
   LinearOp* head_;
+  LinearOp* embed_ = nullptr;
+  std::vector<float> emb_;
   float *c_kv_, *k_pe_;
   const float *cos_, *sin_;
   // buffers

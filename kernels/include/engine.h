@@ -102,6 +102,10 @@ using AttnScoresFn = void (*)(const float* q, int64_t ldq, const float* qr, int6
 using AttnValuesFn = void (*)(const float* p, int64_t ldp, int64_t H, const float* c, int64_t D, int64_t t0,
                               int64_t t1, float* out);
 
+// Row n of a ggml_rows_v1 matrix as f32 (out[0, k)), the values gguf-py's dequantizer gives, bit for bit;
+// false for a type it does not take (the lanes and amx layouts: no embedding is stored in them).
+using DequantRowFn = bool (*)(const WMat& w, int64_t n, float* out);
+
 // XOR of the 64-bit words of p[0, n) (n % 64 == 0): a read-only pass for measuring bandwidth.
 using ReadFn = uint64_t (*)(const uint8_t* p, int64_t n);
 
@@ -115,6 +119,7 @@ struct Kernels {
   ExpSumFn exp_sum;
   AttnScoresFn attn_scores;
   AttnValuesFn attn_values;
+  DequantRowFn dequant_row;
 };
 
 // Filled by each ISA translation unit (kernels_<isa>.cpp).

@@ -43,6 +43,7 @@ class LinearOp {
   explicit LinearOp(const WStack& w) : w_(w) {}
   // x [T, count, K] -> y [T, count, N] (count = 1: a plain linear).
   void forward(const float* x, int64_t T, float* y);
+  const WStack& weights() const { return w_; }
 
  private:
   WStack w_;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 #include "thread_pool.h"
 
@@ -252,6 +253,26 @@ void DecodeStep::route(int64_t layer, const float* f, int64_t* idx, float* w) {
     if (c_.norm_topk) w[k] = w[k] / (sum + 1e-20f);
     w[k] *= c_.routed_scale;
   }
+}
+
+bool DecodeStep::set_embedding(LinearOp* embed) {
+  const WMat& m = embed->weights().m;
+  if (embed->weights().count != 1 || m.k != c_.hidden || m.n < 1) return false;
+  std::vector<float> probe(size_t(m.k));
+  if (!kernels().dequant_row(m, 0, probe.data())) return false;
+  embed_ = embed;
+  emb_.resize(size_t(m.k));
+  return true;
+}
+
+void DecodeStep::forward_token(int64_t tok, int64_t pos, float* logits) {
+  if (!embed_) throw std::logic_error("decode: no embedding set");
+  const WMat& m = embed_->weights().m;
+  if (tok < 0 || tok >= m.n)
+    throw std::out_of_range("token id " + std::to_string(tok) + " outside the vocabulary (0.." +
+                            std::to_string(m.n - 1) + ")");
+  kernels().dequant_row(m, tok, emb_.data());
+  forward(emb_.data(), pos, logits);
 }
 
 void DecodeStep::forward(const float* x, int64_t pos, float* logits) {
