@@ -199,11 +199,13 @@ void DecodeStep::route(int64_t layer, const float* f, int64_t* idx, float* w) {
   if (!ly.router_w) throw std::invalid_argument("decode: layer has no router");
   const Kernels& kt = kernels();
   float* z = rs_.data();
-  auto logit_fn = [&](int64_t e, int) { z[e] = kt.dot(ly.router_w + e * Hd, f, Hd); };
   if (E * Hd < (int64_t(1) << 16)) {
-    for (int64_t e = 0; e < E; ++e) logit_fn(e, 0);
-  } else {
-    pool().run(E, logit_fn);
+    for (int64_t e = 0; e < E; ++e) z[e] = kt.dot(ly.router_w + e * Hd, f, Hd);
+  } else {  // one contiguous range of the [E][hidden] weight per thread (one stream each, as the linears)
+    const int64_t parts = std::min<int64_t>(E, pool().threads());
+    pool().run(parts, [&](int64_t i, int) {
+      for (int64_t e = i * E / parts; e < (i + 1) * E / parts; ++e) z[e] = kt.dot(ly.router_w + e * Hd, f, Hd);
+    });
   }
   if (c_.scoring == 0) {
     for (int64_t e = 0; e < E; ++e) z[e] = 1.f / (1.f + std::exp(-z[e]));
