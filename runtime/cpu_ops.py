@@ -20,6 +20,7 @@ Two implementations share these signatures:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -261,6 +262,27 @@ class NativeLinear(CpuLinear):
         out = torch.empty((*x.shape[:-1], self._n), dtype=torch.float32)
         self._op.forward(x.numpy(), out.numpy())
         return out
+
+
+def stacked_as_one(w: object) -> CpuLinear | None:
+    """A stacked CPU weight `[M, N, K]` as the one matrix `[M*N, K]` over the same mapped bytes, where the
+    layout stores a stack as the concatenation of its matrices' row groups (ggml_lanes_v1 always;
+    ggml_rows_v1 when N is a multiple of its group), else None; native stays native and the reference
+    engines keep their activation rounding, so every engine regroups alike. Prefill uses it to apply
+    attn_v_b to every cached latent row at once: y[:, m*N:(m+1)*N] = x W_m^T."""
+    if not isinstance(w, CpuLinear) or len(w.shape) != 3 or w.entry.split_axis is not None:
+        return None
+    m, n, k = w.shape
+    e = w.entry
+    rows = int(e.params.get("rows", 0) or 0)
+    if not (e.layout == L.GGML_LANES or (e.layout == L.GGML_ROWS and rows and n % rows == 0)):
+        return None
+    flat = dataclasses.replace(e, shape=[m * n, k])
+    if isinstance(w, NativeLinear):
+        from .. import kernels
+
+        return NativeLinear(flat, w.data, kernels.weight_spec(e.layout, e.params, (m * n, k), w.data))
+    return CpuLinear(flat, w.data, act_quant=w.act_block is not None)
 
 
 class NativeMLP:

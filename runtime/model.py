@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layouts.config import ModelConfig
-from .cpu_ops import CpuLinear
+from .cpu_ops import CpuLinear, stacked_as_one
 from .moe import MoE, Router, Routing
 from .rope import RopeTable, softmax_scale
 from .weights import Pack
@@ -42,6 +42,7 @@ Weight = CpuLinear | torch.Tensor
 
 
 # Query tokens per attention block in a prefill (see _Attention).
+VALUES_FROM_ROWS_MIN = 32  # queries from which prefill applies v_b to the cache rows (see _Attention)
 PREFILL_Q_BLOCK = 64
 
 
@@ -110,6 +111,7 @@ class _Attention:
         self.kv_a_norm = pack.dense(p + "attn_kv_a_norm.weight")
         self.k_b = pack.linear(p + "attn_k_b.weight")  # [H, kv_lora, nope]
         self.v_b = pack.linear(p + "attn_v_b.weight")  # [H, v, kv_lora]
+        self.v_rows = stacked_as_one(self.v_b)  # [H*v, kv_lora] over the same bytes, or None
         self.o = pack.linear(p + "attn_output.weight")
         self.scale = softmax_scale(cfg)
 
@@ -135,15 +137,26 @@ class _Attention:
         # Causal: a block of query tokens only reads the cache rows up to its last position (slot i holds
         # position i), which halves a long prompt's attention work; blocks also bound the score memory.
         # (A single block, e.g. a decode step, reads all kv_len rows: no host sync, CUDA-graph safe.)
-        lat = q_abs.new_empty(t, self.h, self.kv_lora, dtype=torch.float32)
+        # Values: for a long block of queries, v_b applied once to every cached latent row (v [n, H, v]) and
+        # the probabilities summed over 128-wide v rows, instead of over 512-wide latent rows and v_b applied
+        # per query (same product, regrouped; ~4x fewer attention multiply-adds, measured -6% of a prefill).
+        v = None
+        if self.v_rows is not None and t >= VALUES_FROM_ROWS_MIN:
+            v = linear(self.v_rows, ck).view(-1, self.h, self.v)
+            out = q_abs.new_empty(t, self.h, self.v, dtype=torch.float32)
+        else:
+            out = q_abs.new_empty(t, self.h, self.kv_lora, dtype=torch.float32)
         for s in range(0, t, PREFILL_Q_BLOCK):
             e = min(t, s + PREFILL_Q_BLOCK)
             n = kv_len if t <= PREFILL_Q_BLOCK else min(kv_len, int(pos[e - 1]) + 1)  # positions ascend
             sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
             mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))
             probs = torch.softmax(sc * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
-            lat[s:e] = torch.einsum("thn,nc->thc", probs, ck[:n])
-        o = linear(self.v_b, lat)  # [T, H, v]
+            if v is not None:
+                out[s:e] = torch.einsum("thn,nhv->thv", probs, v[:n])
+            else:
+                out[s:e] = torch.einsum("thn,nc->thc", probs, ck[:n])
+        o = out if v is not None else linear(self.v_b, out)  # [T, H, v]
         return linear(self.o, o.reshape(t, self.h * self.v))
 
 

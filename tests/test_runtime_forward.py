@@ -115,6 +115,23 @@ def test_causal_query_blocks_equal_one_block(tiny_dir, packs, ids, monkeypatch):
         assert (got - one).abs().max().item() <= 1e-5, block
 
 
+@pytest.mark.parametrize("engine", ["native", "ref"])
+def test_values_from_cache_rows_equal_absorbed(tiny_dir, packs, ids, monkeypatch, engine):
+    """Prefill's values with v_b applied to every cached latent row (then summed per head over v) equal the
+    absorbed form (summed over latents, v_b applied per query): the same product regrouped, f32 weights."""
+    from ktpack.runtime import model as model_mod
+
+    folder = packs("tiny-F32.gguf", target="cpu")
+    model = DeepseekV3Model(load_pack(folder, engine=engine))
+    assert all(b.attn.v_rows is not None for b in model.blocks), "ggml rows: the stack is one matrix"
+    assert ids.numel() >= model_mod.VALUES_FROM_ROWS_MIN
+    rows = model.forward(ids, 0, KVCache(model.config, CTX))
+    monkeypatch.setattr(model_mod, "VALUES_FROM_ROWS_MIN", 1 << 20)
+    absorbed = model.forward(ids, 0, KVCache(model.config, CTX))
+    assert (rows - absorbed).abs().max().item() <= 1e-4 * absorbed.abs().max().item()
+    assert (rows - absorbed).abs().max().item() > 0, "the two forms should not be the same code path"
+
+
 def test_cache_bounds(tiny_dir, packs, ids):
     folder = packs("tiny-F32.gguf", target="cpu")
     model = DeepseekV3Model(load_pack(folder))
