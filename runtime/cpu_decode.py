@@ -152,6 +152,13 @@ class NativeDecode:
         self._op.forward(x, pos, self._logits_np)
         return self.logits
 
+    def greedy(self, tok: int, pos: int) -> int | None:
+        """The step, then its argmax computed natively (torch.argmax's choice: the first on ties), or None
+        where the embedding is not native (the caller samples from `__call__`'s logits then)."""
+        if self._embed is None:
+            return None
+        return int(self._op.greedy_token(int(tok), pos, self._logits_np))
+
     def profile(self, reset: bool = False) -> dict:
         """Seconds per phase of the steps since the last reset (and "steps"): where decode time goes."""
         return self._op.profile(reset)

@@ -37,6 +37,11 @@ class Sampler:
         self.gen = torch.Generator()
         self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
 
+    @property
+    def greedy(self) -> bool:
+        """True when a choice is the argmax of the logits alone (temperature 0, no repetition penalty)."""
+        return self.p.temperature == 0 and self.p.repetition_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         """logits: [vocab] float; history: ids seen so far (prompt + generated) for the penalty."""
         x = logits.float().clone()

@@ -115,6 +115,21 @@ def test_native_embedding_is_the_packs(src, packs):
         step(model.config.vocab_size, 4)
 
 
+def test_greedy_step_is_argmax_of_its_logits(packs):
+    """The native greedy step (no tensor work between steps) picks torch.argmax of the logits it leaves."""
+    model, cache, step = _setup(packs("tiny-Q8_0.gguf", target="cpu"), _ids(12, 11))
+    saved = (cache.c_kv.clone(), cache.k_pe.clone())
+    for i, tok in enumerate(_ids(6, 12).tolist()):
+        cache.c_kv.copy_(saved[0])
+        cache.k_pe.copy_(saved[1])
+        want = step(tok, 12 + i).clone()
+        cache.c_kv.copy_(saved[0])
+        cache.k_pe.copy_(saved[1])
+        got = step.greedy(tok, 12 + i)
+        assert torch.equal(step.logits, want)
+        assert got == int(torch.argmax(want))
+
+
 def test_router_matches_torch(packs):
     model, cache, step = _setup(packs("tiny-Q8_0.gguf", target="cpu"), _ids(4, 5))
     gen = torch.Generator().manual_seed(6)

@@ -221,6 +221,19 @@ struct PyDecode {
     py::gil_scoped_release nogil;
     op->forward_token(tok, pos, lp);
   }
+  // forward_token, then the index of the largest logit (the first one on ties; NaN counts as largest, as
+  // torch.argmax): greedy decoding with no tensor work between steps.
+  int64_t greedy_token(int64_t tok, int64_t pos, py::array logits) {
+    float* lp = f32_ptr(logits, vocab, "logits", true);
+    py::gil_scoped_release nogil;
+    op->forward_token(tok, pos, lp);
+    int64_t best = 0;
+    for (int64_t i = 1; i < vocab; ++i) {
+      if (lp[best] != lp[best]) break;  // NaN already chosen
+      if (lp[i] > lp[best] || lp[i] != lp[i]) best = i;
+    }
+    return best;
+  }
   py::dict profile(bool reset) {
     int64_t ns[ktpack::DecodeStep::kPhases], steps = 0;
     op->profile(ns, &steps);
@@ -351,6 +364,8 @@ PYBIND11_MODULE(_native, m) {
       .def("set_embedding", &PyDecode::set_embedding, py::arg("embed"),
            "Use this Linear's rows as the token embedding of forward_token; False where its format cannot.")
       .def("forward_token", &PyDecode::forward_token, py::arg("token"), py::arg("pos"), py::arg("logits"))
+      .def("greedy_token", &PyDecode::greedy_token, py::arg("token"), py::arg("pos"), py::arg("logits"),
+           "forward_token, then the argmax of the logits (first on ties).")
       .def("route", &PyDecode::route, py::arg("layer"), py::arg("f"))
       .def("profile", &PyDecode::profile, py::arg("reset") = false,
            "Seconds spent per phase since the last reset, and the number of steps.");
