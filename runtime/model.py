@@ -41,9 +41,10 @@ from .weights import Pack
 Weight = CpuLinear | torch.Tensor
 
 
-# Query tokens per attention block in a prefill (see _Attention).
-VALUES_FROM_ROWS_MIN = 32  # queries from which prefill applies v_b to the cache rows (see _Attention)
+# Query tokens per attention block in a prefill, and the queries from which prefill applies v_b to the
+# cache rows (see _Attention).
 PREFILL_Q_BLOCK = 64
+VALUES_FROM_ROWS_MIN = 32
 
 
 def linear(w: Weight, x: torch.Tensor) -> torch.Tensor:
