@@ -165,40 +165,26 @@ void LinearOp::forward(const float* x, int64_t T, float* y) {
     for (int64_t t = 0; t < T; ++t) idx_[c * T + t] = int32_t(t * C + c);
   ThreadPool& p = pool();
   const GemmFn gemm = kernels().gemm[int(m.type)];
-  if (T == 1 && w_.stride * C >= (int64_t(1) << 18)) {
-    // One token (decode): each thread streams one contiguous range of the C matrices' row groups (they lie
-    // one after another), so it ramps up one prefetch stream per op, not one per chunk (+5-6% of the
-    // read bandwidth on 0.6-5 MB Q4_K matrices against 4 interleaved chunks per thread).
-    const int64_t al = row_align(m), per_mat = (N + al - 1) / al, units = C * per_mat;
-    const int64_t parts = std::min<int64_t>(units, p.threads());
-    p.run(parts, [&](int64_t i, int) {
-      for (int64_t u = i * units / parts, u1 = (i + 1) * units / parts; u < u1;) {
-        const int64_t c = u / per_mat, j0 = u % per_mat, j1 = std::min(per_mat, j0 + (u1 - u));
-        QAct ac = a;
-        ac.idx = idx_.data() + c;
-        ac.m = 1;
-        gemm(w_.at(c), ac, j0 * al, std::min(N, j1 * al), y + c * N, C * N);
-        u += j1 - j0;
-      }
-    });
-    return;
-  }
-  const int64_t want = std::max<int64_t>(1, (4 * p.threads() + C - 1) / C);
-  const int64_t rows = chunk_rows(N, row_align(m), want);
-  const int64_t nch = (N + rows - 1) / rows;
-  auto task_fn = [&](int64_t task, int) {
-    const int64_t c = task / nch, j = task % nch;
-    QAct ac = a;
-    ac.idx = idx_.data() + c * T;
-    ac.m = int(T);
-    gemm(w_.at(c), ac, j * rows, std::min(N, (j + 1) * rows), y + c * N, C * N);
+  // Tasks are contiguous ranges of the C matrices' row groups (the matrices lie one after another), so a
+  // task streams one range of bytes. One token (decode): one task per thread, one prefetch stream each
+  // (+5-6% of the read bandwidth on 0.6-5 MB Q4_K matrices against 4 interleaved chunks per thread); more
+  // tokens: 4 per thread, for balance. Below ~256 KiB of weights x tokens the wake-up of the other threads
+  // costs more than it saves: one task on the caller.
+  const int64_t al = row_align(m), per_mat = (N + al - 1) / al, units = C * per_mat;
+  const int64_t tasks =
+      w_.stride * C * T < (int64_t(1) << 18) ? 1 : std::min<int64_t>(units, p.threads() * (T == 1 ? 1 : 4));
+  auto task_fn = [&](int64_t i, int) {
+    for (int64_t u = i * units / tasks, u1 = (i + 1) * units / tasks; u < u1;) {
+      const int64_t c = u / per_mat, j0 = u % per_mat, j1 = std::min(per_mat, j0 + (u1 - u));
+      QAct ac = a;
+      ac.idx = idx_.data() + c * T;
+      ac.m = int(T);
+      gemm(w_.at(c), ac, j0 * al, std::min(N, j1 * al), y + c * N, C * N);
+      u += j1 - j0;
+    }
   };
-  // Below ~256 KiB of weights x tokens the wake-up of the other threads costs more than it saves.
-  if (w_.stride * C * T < (int64_t(1) << 18)) {
-    for (int64_t t = 0; t < C * nch; ++t) task_fn(t, 0);
-  } else {
-    p.run(C * nch, task_fn);
-  }
+  if (tasks == 1) task_fn(0, 0);
+  else p.run(tasks, task_fn);
 }
 
 // ---- routed experts ----
