@@ -18,7 +18,10 @@ manifest.json is newer than SRC), then time, on the same threads and the same 51
 It also prints the decode roofline (read bandwidth / bytes one decode step reads from the GGUF: all
 tensors but token_embd, the routed experts at top-k / n_experts of their bytes) and the fraction of
 it each engine reaches, and the greedy agreement: how many leading generated tokens ktpack and
-llama.cpp share.
+llama.cpp share; with llama.cpp's flash attention on (the default), also against one untimed llama.cpp
+run without it, and llama.cpp's two runs against each other (on a random model with flat logits any
+two correct engines part at the first near-tie their rounding flips; the peer's self-agreement says
+where that is).
 
 Quiet machine: before each timed repetition it waits until other processes use < --quiet of a core
 (default 5%) over 1 s (from /proc/stat minus this process tree's own CPU time), and a repetition
@@ -423,7 +426,9 @@ def llama_worker(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps(res))
 
 
-def run_llama(python: str, model: Path, ids: list[int], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_llama(
+    python: str, model: Path, ids: list[int], args: argparse.Namespace, work: Path, **over: Any
+) -> dict[str, Any]:
     spec = {
         "model": str(model),
         "ids": ids,
@@ -440,6 +445,7 @@ def run_llama(python: str, model: Path, ids: list[int], args: argparse.Namespace
         "flash_attn": args.llama_flash_attn == "on",
         "kv_type": {"f32": 0, "f16": 1}[args.llama_kv_type],
         "out": str(work / "llama-result.json"),
+        **over,
     }
     sp = work / "llama-spec.json"
     sp.write_text(json.dumps(spec))
@@ -539,6 +545,17 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
             elif "reps" in r:
                 eng[name]["reps"] += r["reps"]
                 eng[name].setdefault("discarded", []).extend(r.get("discarded", []))
+    ll = eng.get("llama.cpp", {})
+    if args.llama_flash_attn == "on" and ll.get("reps") and llama_python:
+        # llama.cpp's one-token flash-attention step moves deepseek2 logits by up to ~0.3 from its own
+        # batched and non-FA paths (which agree with each other and with ktpack's f32 reference to ~0.015;
+        # measured on bench-Q8_0); the greedy tokens of its plain attention, untimed, give the agreement
+        # that compares the weights' math rather than that kernel
+        try:
+            r = run_llama(llama_python, src, ids, args, work, reps=1, warmup=0, flash_attn=False)
+            ll["output_ids_flash_attn_off"] = r["reps"][0]["output_ids"]
+        except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError) as e:
+            log(f"llama.cpp without flash attention on {src.name} failed: {e}")
     if not bw.get("given"):
         gb_s.append(read_bandwidth(args.threads, args.bw_gib, 3)["gb_s"])
         roof = statistics.median(gb_s) * 1e9 / info["decode_bytes_per_token"]
@@ -596,6 +613,9 @@ def _summarize(res: dict[str, Any], args: argparse.Namespace, src: Path, ids: li
     kt_ids = kt["reps"][0]["output_ids"] if kt.get("reps") else None
     ll_ids = ll["reps"][0]["output_ids"] if ll.get("reps") else None
     res["greedy_agreement"] = agreement(kt_ids, ll_ids)
+    res["greedy_agreement_flash_attn_off"] = agreement(kt_ids, ll.get("output_ids_flash_attn_off"))
+    # the peer against itself (its two attention paths): how long any two correct engines can agree here
+    res["llama_self_agreement"] = agreement(ll_ids, ll.get("output_ids_flash_attn_off"))
     res["teacher_forced"] = None
     if kt_ids and ll_ids:
         try:
@@ -621,6 +641,8 @@ def _agree(res: dict[str, Any]) -> str:
     g, tf = res.get("greedy_agreement"), res.get("teacher_forced")
     n = len(res.get("engines", {}).get("ktpack", {}).get("output_ids") or []) or N_GEN
     out = f"{g}/{n}" if g is not None else "-"
+    g_off, g_self = res.get("greedy_agreement_flash_attn_off"), res.get("llama_self_agreement")
+    out += f", fa-off {g_off}/{n}, llama fa-on/off {g_self}/{n}" if g_off is not None else ""
     return out + (f" (tf {tf['agree']}/{tf['n']})" if tf else "")
 
 
@@ -796,8 +818,9 @@ def main() -> None:
     per_file = ", ".join(f"{statistics.median(r.get('bandwidth_gb_s', [bw['gb_s']])):.1f}" for r in results)
     print(f"\nthreads {args.threads}; read bandwidth {bw['gb_s']:.1f} GB/s at the start, per file (the median")
     print(f"of the start, before and after it) {per_file}; roofline = decode tok/s / (bandwidth")
-    print("/ bytes per decode step); agree = leading greedy tokens equal in ktpack and llama.cpp (tf: steps where")
-    print("ktpack's argmax is llama.cpp's token, fed llama.cpp's prefix); * = noisy reps kept")
+    print("/ bytes per decode step); agree = leading greedy tokens equal in ktpack and llama.cpp (timed run;")
+    print("fa-off: llama.cpp without flash attention; llama fa-on/off: llama.cpp's two runs against each other;")
+    print("tf: steps where ktpack's argmax is llama.cpp's token, fed llama.cpp's prefix); * = noisy reps kept")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
         log(f"wrote {args.json}")
