@@ -3,8 +3,9 @@
 Both run the same weight operations on the same cache contents; they differ in the glue's float
 summation order (RMSNorm sums, attention dots, softmax), i.e. by f32 rounding:
 
-- float packs (ggml F32 / BF16 rows): no activation is quantized, so the step equals the torch forward
-  within 1e-4 (measured ~2e-6), top-1 equal, on 32 teacher-forced steps, under every ISA this CPU runs;
+- float packs (ggml F32 / BF16 rows): no activation is quantized (the AVX-512 BF16 kernel reads it as two
+  bf16 terms, within 2^-16 of it), so the step equals the torch forward within 1e-4 (measured ~2e-6 to
+  4e-6), top-1 equal, on 32 teacher-forced steps, under every ISA this CPU runs;
 - integer packs quantize every activation to int8 codes per block: a code on a rounding boundary may go
   the other way on an ulp of difference, which moves its value by amax/127, and a near-tie router
   choice may flip. That sensitivity is the torch path's own: perturbing its input by 2^-22 (relative)

@@ -1,6 +1,7 @@
 """The runtime on the native CPU engine, under every ISA this machine runs (forced in turn).
 
-- Float layouts (ggml F32/BF16 rows, amx-bf16 tiles): the engine's arithmetic is f32, so its logits
+- Float layouts (ggml F32/BF16 rows, amx-bf16 tiles): the engine's arithmetic is f32 (AVX-512 BF16 rows:
+  activations as two bf16 terms, within 2^-16 of f32), so its logits
   meet the runtime's oracle bound against transformers (1e-4, top-1 equal everywhere).
 - Integer layouts quantize every activation to int8 per block (the engine's definition,
   runtime.cpu_ops.quantize_act). Each operation is checked where it is exact: every CPU linear of the

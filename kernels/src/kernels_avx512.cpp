@@ -3,7 +3,8 @@
 // Compiled with exactly these ISA flags (CMakeLists.txt) and used only when CPUID and XCR0 say the
 // CPU and OS run them. Integer formats: weight codes x int8 activation codes in integers
 // (maddubs/madd for the ggml K-quants, VNNI dpbusd for the amx tile layouts), one f32 FMA per scale
-// block. Float formats: weights widened to f32 and FMA'd with the f32 activations (exact products).
+// block. Float formats: F32 weights FMA'd with the f32 activations (exact products); BF16 weights with
+// vdpbf16ps against the activations split into two bf16 terms (within 2^-16 of them; bf16_rows_gemm).
 //
 // Each kernel walks one ggml row group (8 rows, blocks interleaved) or one amx N-block (4 tiles of
 // 16 rows, K-blocks interleaved) front to back, so a thread streams contiguous memory; up to MT
@@ -773,6 +774,113 @@ void float_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float
   }
 }
 
+// ggml BF16 rows with vdpbf16ps. Two row groups side by side (rows g0..g0+15) fill the 16 lanes; a lane
+// holds its row's weights of columns (b, b+1) as one bf16 pair (one vpermt2w of the two groups' loads,
+// shared by the tokens of a block), and the activation pair is one broadcast dword. The f32 activation
+// is split x = hi + lo, hi = bf16(x), lo = bf16(x - hi), both round-to-nearest-even, so
+// |x - hi - lo| <= 2^-16 |x|; the products w hi and w lo are exact in f32 (8-bit significands), so the
+// result differs from the f32 dot product by at most 2^-16 sum|w x| plus f32 summation rounding.
+// Tokens go in blocks of kBf16Tokens (their hi/lo pairs, 4K bytes per token, stay in L2 while every row
+// pair of the task uses them); within a block, 4 tokens share each permuted weight vector.
+constexpr int kBf16Tokens = 64;
+
+inline uint16_t f32_to_bf16_rne(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// hi and lo bf16 values of one row of K floats (K words each).
+void split_bf16(const float* x, int64_t K, uint16_t* hi, uint16_t* lo) {
+  int64_t i = 0;
+  for (; i + 32 <= K; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // words 0-15 from a, 16-31 from b
+    const __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    const __m512 hb =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    const __m512i l = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
+    _mm512_storeu_si512(hi + i, h);
+    _mm512_storeu_si512(lo + i, l);
+  }
+  for (; i < K; ++i) {
+    hi[i] = f32_to_bf16_rne(x[i]);
+    lo[i] = f32_to_bf16_rne(x[i] - bf16_to_f32(hi[i]));
+  }
+}
+
+inline __m512 dp_bf16(__m512 acc, __m512i w, __m512i x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
+
+inline __m512i bcast_pair(const uint16_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Rows g0..g0+15 (group B = g0 + 8; `lone`: only group A, its lanes 8-15 unused) x tokens r0..r0+MT-1;
+// hi/lo of token t at xs + (t - r0) * 2K words (hi, then lo).
+template <int MT>
+void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0, float* y, int64_t ldy) {
+  const int64_t K = w.k, k4 = K / 4 * 4;
+  const uint8_t* pa = w.data + g0 * K * 2;
+  const uint8_t* pb = lone ? pa : pa + 8 * K * 2;
+  const __m512i i01 = _mm512_set_epi16(47, 39, 46, 38, 45, 37, 44, 36, 43, 35, 42, 34, 41, 33, 40, 32, 15, 7, 14, 6,
+                                       13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i i23 = _mm512_add_epi16(i01, _mm512_set1_epi16(16));
+  __m512 acc[MT][4];  // four independent chains per token (the dot's latency exceeds its issue interval)
+  for (int t = 0; t < MT; ++t)
+    for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < k4; b += 4) {
+    const __m512i wa = _mm512_loadu_si512(pa + b * 16), wb = _mm512_loadu_si512(pb + b * 16);
+    if (MT == 1) {
+      _mm_prefetch(reinterpret_cast<const char*>(pa + b * 16) + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pb + b * 16) + kPrefetch, _MM_HINT_T0);
+    }
+    const __m512i w01 = _mm512_permutex2var_epi16(wa, i01, wb), w23 = _mm512_permutex2var_epi16(wa, i23, wb);
+    for (int t = 0; t < MT; ++t) {
+      const uint16_t* hi = xs + t * 2 * K;
+      const uint16_t* lo = hi + K;
+      acc[t][0] = dp_bf16(acc[t][0], w01, bcast_pair(hi + b));
+      acc[t][1] = dp_bf16(acc[t][1], w01, bcast_pair(lo + b));
+      acc[t][2] = dp_bf16(acc[t][2], w23, bcast_pair(hi + b + 2));
+      acc[t][3] = dp_bf16(acc[t][3], w23, bcast_pair(lo + b + 2));
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][2]), _mm512_add_ps(acc[t][1], acc[t][3])));
+    const uint16_t* hi = xs + t * 2 * K;
+    const uint16_t* lo = hi + K;
+    for (int64_t b = k4; b < K; ++b)  // the last K % 4 columns, the same hi + lo products
+      for (int i = 0; i < 16; ++i) {
+        const uint8_t* p = (i < 8 ? pa : pb) + (b * 8 + (i & 7)) * 2;
+        out[i] += bf16_to_f32(rd16(p)) * bf16_to_f32(hi[b]) + bf16_to_f32(rd16(p)) * bf16_to_f32(lo[b]);
+      }
+    float* yr = y + (r0 + t) * ldy + g0;
+    for (int i = 0; i < (lone ? 8 : 16); ++i) yr[i] = out[i];
+  }
+}
+
+void bf16_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t K = w.k;
+  const int64_t full = imin64(n1, w.n / 8 * 8);  // rows of full 8-row groups; a partial group is exact f32
+  if (full > n0) {
+    uint16_t* xs = reinterpret_cast<uint16_t*>(x_scratch(int64_t(kBf16Tokens) * 4 * K));
+    for (int r0 = 0; r0 < a.m; r0 += kBf16Tokens) {
+      const int mt = int(imin64(kBf16Tokens, a.m - r0));
+      for (int t = 0; t < mt; ++t) split_bf16(a.x + a.row(r0 + t) * a.ldx, K, xs + t * 2 * K, xs + t * 2 * K + K);
+      for (int64_t g0 = n0; g0 < full; g0 += 16) {
+        const bool lone = g0 + 16 > full;
+        int t = 0;
+        for (; t + 4 <= mt; t += 4) bf16_pair<4>(w, xs + t * 2 * K, g0, lone, r0 + t, y, ldy);
+        for (; t < mt; ++t) bf16_pair<1>(w, xs + t * 2 * K, g0, lone, r0 + t, y, ldy);
+      }
+    }
+  }
+  if (n1 > full && n1 > n0) gemm_rows<row_bf16>(w, a, n0 > full ? n0 : full, n1, y, ldy);
+}
+
 // ------------------------------------------------------------------------------------------------
 // amx tile layouts read with VNNI: a tile row (64 bytes) is 16 output rows x 4 consecutive k, so
 // dpbusd against the broadcast activation dword accumulates 16 outputs at once.
@@ -1140,7 +1248,7 @@ void fill_kernels_avx512(Kernels* k) {
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
   k->gemm[int(WType::ggml_q5_k)] = kquant_gemm<176>;
   k->gemm[int(WType::ggml_q6_k)] = kquant_gemm<210>;
-  k->gemm[int(WType::ggml_bf16)] = float_rows_gemm<true>;
+  k->gemm[int(WType::ggml_bf16)] = bf16_rows_gemm;
   k->gemm[int(WType::ggml_f32)] = float_rows_gemm<false>;
   k->gemm[int(WType::amx_int8)] = amx_gemm<Int8NB>;
   k->gemm[int(WType::amx_int4)] = amx_gemm<Int4NB>;
