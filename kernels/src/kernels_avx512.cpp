@@ -1165,7 +1165,7 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 // Q8_0: a lane block is 16 rows x one 32-value block, codes stored as q + 128 (unsigned): dpbusd, then
 // subtract 128 x the block's activation sum; f16 row scales times the block's activation scale.
 template <int MT>
-void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy, const float* cx) {
+void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
   constexpr int BB = 544;
   const int64_t nb = w.k / 32;
   const uint8_t* base = w.data + g * nb * BB;
@@ -1181,12 +1181,10 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
       const __m512i v = _mm512_loadu_si512(blk + 64 * r);
       for (int t = 0; t < MT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], v, bcast4(x.q[t] + 32 * b + 4 * r));
     }
-    // d_w (acc d_x - 128 S d_x): three vector operations per token and block (acc < 2^24 converts exactly)
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 512)));
     for (int t = 0; t < MT; ++t) {
-      const __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(x.d[t][b]),
-                                       _mm512_set1_ps(cx[(r0 + t) * nb + b]));
-      f[t] = _mm512_fmadd_ps(d, v, f[t]);
+      const __m512i dot = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(128 * (x.s16[t][2 * b] + x.s16[t][2 * b + 1])));
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.d[t][b])), f[t]);
     }
   }
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
@@ -1196,29 +1194,17 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 // token block uses them; decode (and the last tokens) run the one-token kernel, which prefetches.
 template <WType T>
 void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  // Q8_0 codes are stored as q + 128: the offset term 128 S d_x (S = the block's activation code sum) of
-  // every token and block, once per call (every row group of the call uses the same)
-  float* cx = nullptr;
-  if constexpr (T == WType::lanes_q8_0) {
-    const int64_t nb = w.k / 32;
-    cx = reinterpret_cast<float*>(x_scratch(int64_t(a.m) * nb * 4));
-    for (int r = 0; r < a.m; ++r) {
-      const TokenRows<1> x(a, r, 32);
-      for (int64_t b = 0; b < nb; ++b)
-        cx[r * nb + b] = float(128 * (x.s16[0][2 * b] + x.s16[0][2 * b + 1])) * x.d[0][b];
-    }
-  }
   for (int64_t g = n0 / 16; g < n1 / 16; ++g) {
     int r = 0;
     for (; r + 4 <= a.m; r += 4) {
       if constexpr (T == WType::lanes_q4_k) lanes_q4k<4>(w, a, g, r, y, ldy);
       else if constexpr (T == WType::lanes_q6_k) lanes_q6k<4>(w, a, g, r, y, ldy);
-      else lanes_q80<4>(w, a, g, r, y, ldy, cx);
+      else lanes_q80<4>(w, a, g, r, y, ldy);
     }
     for (; r < a.m; ++r) {
       if constexpr (T == WType::lanes_q4_k) lanes_q4k<1>(w, a, g, r, y, ldy);
       else if constexpr (T == WType::lanes_q6_k) lanes_q6k<1>(w, a, g, r, y, ldy);
-      else lanes_q80<1>(w, a, g, r, y, ldy, cx);
+      else lanes_q80<1>(w, a, g, r, y, ldy);
     }
   }
 }
