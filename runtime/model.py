@@ -147,12 +147,28 @@ class _Attention:
             out = q_abs.new_empty(t, self.h, self.v, dtype=torch.float32)
         else:
             out = q_abs.new_empty(t, self.h, self.kv_lora, dtype=torch.float32)
+        blocks = t > PREFILL_Q_BLOCK
+        if blocks:
+            # Several blocks (a prefill): scores as two 2-D products into one buffer (latent, then rope part
+            # accumulated, the softmax scale as their alpha), and the causal mask added only where it can
+            # bite: keys from the block's first position on (earlier ones are visible to all its queries).
+            qa, qp = q_abs.reshape(t * self.h, self.kv_lora), q_pe.reshape(t * self.h, self.rope_dim)
+            buf = q_abs.new_empty(PREFILL_Q_BLOCK * self.h * kv_len)
         for s in range(0, t, PREFILL_Q_BLOCK):
             e = min(t, s + PREFILL_Q_BLOCK)
-            n = kv_len if t <= PREFILL_Q_BLOCK else min(kv_len, int(pos[e - 1]) + 1)  # positions ascend
-            sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
-            mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))
-            probs = torch.softmax(sc * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
+            n = kv_len if not blocks else min(kv_len, int(pos[e - 1]) + 1)  # positions ascend
+            if blocks:
+                n0 = min(n, int(pos[s]))
+                sc = buf[: (e - s) * self.h * n].view((e - s) * self.h, n)
+                torch.addmm(sc, qa[s * self.h : e * self.h], ck[:n].t(), beta=0, alpha=self.scale, out=sc)
+                sc = sc.addmm_(qp[s * self.h : e * self.h], kp[:n].t(), alpha=self.scale).view(e - s, self.h, n)
+                diag = torch.where(cache.positions[None, n0:n] <= pos[s:e, None], 0.0, float("-inf"))
+                sc[..., n0:n] += diag[:, None, :]
+                probs = torch.softmax(sc, dim=-1)
+            else:
+                sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
+                mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))
+                probs = torch.softmax(sc * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
             if v is not None:
                 out[s:e] = torch.einsum("thn,nhv->thv", probs, v[:n])
             else:
