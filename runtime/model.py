@@ -152,8 +152,8 @@ class _Attention:
             # Several blocks (a prefill): scores as two 2-D products into one buffer (latent, then rope part
             # accumulated, the softmax scale as their alpha), and the causal mask added only where it can
             # bite: keys from the block's first position on (earlier ones are visible to all its queries).
-            qa, qp = q_abs.reshape(t * self.h, self.kv_lora), q_pe.reshape(t * self.h, self.rope_dim)
-            buf = q_abs.new_empty(PREFILL_Q_BLOCK * self.h * kv_len)
+            qa, qp = q_abs.reshape(t * self.h, self.kv_lora).float(), q_pe.reshape(t * self.h, self.rope_dim).float()
+            buf = qa.new_empty(PREFILL_Q_BLOCK * self.h * kv_len)
         for s in range(0, t, PREFILL_Q_BLOCK):
             e = min(t, s + PREFILL_Q_BLOCK)
             n = kv_len if not blocks else min(kv_len, int(pos[e - 1]) + 1)  # positions ascend
