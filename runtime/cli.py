@@ -93,6 +93,14 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
     help="GPU runs (KTPACK_DEVICE=cuda): run each decode step eagerly instead of replaying one CUDA Graph.",
 )
 @click.option(
+    "--kv-cache",
+    type=click.Choice(["f32", "f16"]),
+    default="f32",
+    show_default=True,
+    help="CPU runs: KV cache element type. f16 (llama.cpp's default) halves the cache and the bytes each "
+    "decode step's attention reads; needs F16C.",
+)
+@click.option(
     "--gpu-mem",
     type=float,
     default=None,
@@ -102,7 +110,7 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
          raw: bool, score: Path | None, logits_out: Path | None, max_new_tokens: int, temperature: float, top_k: int,
          top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], ignore_eos: bool,
          ctx_size: int, prefill_chunk: int, stats_json: Path | None, verify: bool,
-         engine: str | None, no_graph: bool, gpu_mem: float | None) -> None:  # fmt: skip
+         engine: str | None, kv_cache: str, no_graph: bool, gpu_mem: float | None) -> None:  # fmt: skip
     """Generate from a packed folder (tokens streamed to stdout, one stats line on stderr).
 
     \b
@@ -129,7 +137,7 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
         score_ids = _load_ids(score, "--score ids") if score else None
         eng = Engine(
             packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine, graph=not no_graph,
-            gpu_mem=gpu_mem,
+            gpu_mem=gpu_mem, kv_cache=kv_cache,
         )  # fmt: skip
         if eng.gpu_budget is not None:
             click.echo(f"kt-run: {eng.gpu_budget.line()}", err=True)

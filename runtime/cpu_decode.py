@@ -172,7 +172,9 @@ def build(model: DeepseekV3Model, cache: KVCache) -> NativeDecode | None:
     """The native decode step for this CPU model and cache, or None where it does not apply."""
     if os.environ.get(ENV, "1") == "0":
         return None
-    if model.device.type != "cpu" or cache.c_kv.dtype != torch.float32 or not model.rope_interleaved:
+    if model.device.type != "cpu" or cache.c_kv.dtype not in (torch.float32, torch.float16):
+        return None
+    if cache.k_pe.dtype != cache.c_kv.dtype or not model.rope_interleaved:
         return None
     if model.flags != Routing() or not cache.c_kv.is_contiguous() or not cache.k_pe.is_contiguous():
         return None

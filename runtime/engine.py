@@ -26,6 +26,15 @@ import torch
 from .chat import ChatTokenizer, StreamDecoder
 from .sampling import Sampler, SamplingParams
 
+# kt-run --kv-cache: the CPU KV cache's element type (the GPU path keeps its own)
+KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16}
+
+
+def _has_f16c() -> bool:
+    from .. import kernels
+
+    return bool(kernels._native.cpu_features().get("f16c"))
+
 
 class EngineError(ValueError):
     """A request the engine cannot serve (too long for the context, ids outside the vocabulary...)."""
@@ -95,6 +104,7 @@ class Engine:
         device: str | None = None,
         graph: bool = True,
         gpu_mem: float | None = None,
+        kv_cache: str = "f32",
     ):
         from .model import DeepseekV3Model
         from .weights import load_pack
@@ -120,8 +130,12 @@ class Engine:
         else:
             from . import cpu_decode
 
+            if kv_cache not in KV_CACHE_TYPES:
+                raise EngineError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+            if kv_cache == "f16" and not _has_f16c():
+                raise EngineError("--kv-cache f16 needs a CPU with F16C (every AVX2 one); use f32")
             self.model = DeepseekV3Model(self.pack)
-            self.cache = self.model.new_cache(ctx_size)
+            self.cache = self.model.new_cache(ctx_size, KV_CACHE_TYPES[kv_cache])
             self._step = cpu_decode.build(self.model, self.cache)  # None: decode through the torch model
         self.ctx_size = ctx_size
         self.prefill_chunk = max(1, prefill_chunk)

@@ -242,8 +242,8 @@ class DeepseekV3Model:
             pack.linear("output.weight") if pack.has("output.weight") else pack.dense("token_embd.weight")
         )
 
-    def new_cache(self, ctx_size: int) -> KVCache:
-        return KVCache(self.config, ctx_size, device=self.device)
+    def new_cache(self, ctx_size: int, dtype: torch.dtype = torch.float32) -> KVCache:
+        return KVCache(self.config, ctx_size, dtype=dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:

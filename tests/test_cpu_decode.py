@@ -42,9 +42,9 @@ def _ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 4096, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def _setup(folder, prompt: torch.Tensor):
+def _setup(folder, prompt: torch.Tensor, dtype: torch.dtype = torch.float32):
     model = DeepseekV3Model(load_pack(folder, engine="native"))
-    cache = KVCache(model.config, CTX)
+    cache = KVCache(model.config, CTX, dtype=dtype)
     model.forward(prompt, 0, cache)
     step = cpu_decode.build(model, cache)
     assert step is not None, "a --target cpu pack must take the native decode step"
@@ -74,6 +74,51 @@ def test_float_pack_decode_equals_torch(isa, src, isa_env, packs):
     assert (cache.c_kv - ref_cache.c_kv).abs().max() <= 1e-5
     assert (cache.k_pe - ref_cache.k_pe).abs().max() <= 1e-5
     print(f"\n[{isa}] {src}: native decode vs torch, 32 steps, max |diff| {worst:.3g}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_f16_cache_decode_equals_torch(isa, isa_env, packs):
+    """An f16 KV cache (kt-run --kv-cache f16): the step reads the same half values the torch model reads
+    (widened exactly) and writes its new rows rounded to nearest even as torch's .to(float16) does, so on a
+    float pack it equals the torch forward over the same f16 cache within 2e-4 (the f32 glue's rounding as
+    above, plus the rows' rare one-ulp differences: measured 3e-5 to 7e-5), and the rows it writes are
+    torch's: nearly all bit-equal, the rest within 2^-10 relative (two
+    roundings of f32 values that differ by the glue's rounding, < 5e-5 absolute in the deepest layer); and
+    it stays close to the f32-cache step (the cache's half rounding, 2^-11 relative per value)."""
+    isa_env(isa)
+    prompt, toks = _ids(24, 1), _ids(16, 2)
+    model, cache, step = _setup(packs("tiny-F32.gguf", target="cpu"), prompt, torch.float16)
+    assert cache.c_kv.dtype == torch.float16 and step is not None
+    ref_cache = KVCache(model.config, CTX, dtype=torch.float16)
+    ref_cache.c_kv.copy_(cache.c_kv)
+    ref_cache.k_pe.copy_(cache.k_pe)
+    _, cache32, step32 = _setup(packs("tiny-F32.gguf", target="cpu"), prompt)
+    worst = worst32 = 0.0
+    for i, tok in enumerate(toks.tolist()):
+        got = step(tok, 24 + i).clone()
+        want = _torch_step(model, ref_cache, tok, 24 + i)
+        worst = max(worst, (got - want).abs().max().item())
+        assert got.argmax() == want.argmax(), f"step {i}: top-1 differs"
+        worst32 = max(worst32, (got - step32(tok, 24 + i)).abs().max().item())
+    assert worst <= 2e-4, worst
+    for a, b in ((cache.c_kv, ref_cache.c_kv), (cache.k_pe, ref_cache.k_pe)):
+        a, b = a[:, : 24 + len(toks)].float(), b[:, : 24 + len(toks)].float()
+        assert ((a - b).abs() <= 2.0**-10 * b.abs() + 5e-5).all()
+        assert (a != b).float().mean() < 0.01  # nearly all bit-equal
+    assert 0 < worst32 < 0.05, worst32
+    print(f"\n[{isa}] f16 cache: vs torch on the same cache {worst:.3g}, vs the f32-cache step {worst32:.3g}")
+
+
+def test_kv_cache_option(packs):
+    from ktpack.runtime.engine import Engine, EngineError
+
+    folder = packs("tiny-Q8_0.gguf", target="cpu")
+    eng = Engine(folder, ctx_size=64, engine="native", kv_cache="f16")
+    assert eng.cache.c_kv.dtype == torch.float16 and eng._step is not None
+    out = eng.generate(_ids(8, 3).tolist(), SamplingParams(temperature=0), max_new_tokens=4, ignore_eos=True)
+    assert len(out.output_ids) == 4
+    with pytest.raises(EngineError, match="--kv-cache must be one of f32, f16"):
+        Engine(folder, ctx_size=64, engine="native", kv_cache="q8")
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,16 @@ struct PyDecode {
     keep.push_back(a);
     return p;
   }
+  void* half_ptr(py::array a, int64_t want, const char* what) {  // a writable C-contiguous float16 array
+    if (!(a.flags() & py::array::c_style) || a.dtype().kind() != 'f' || a.itemsize() != 2)
+      throw py::value_error(std::string(what) + " must be a C-contiguous float16 (or float32) array");
+    if (a.size() != want)
+      throw py::value_error(std::string(what) + " has " + std::to_string(a.size()) + " values, expected " +
+                            std::to_string(want));
+    if (!a.writeable()) throw py::value_error(std::string(what) + " is read-only");
+    keep.push_back(a);
+    return a.mutable_data();
+  }
   ktpack::LinearOp* lin(const py::object& o) {
     if (o.is_none()) return nullptr;
     keep.push_back(o);
@@ -196,12 +206,21 @@ struct PyDecode {
       ls.push_back(l);
     }
     const float* on = farr(out_norm, c.hidden, "output_norm");
-    float* ck = const_cast<float*>(farr(c_kv, c.layers * c.ctx * c.kv_lora, "c_kv cache", true));
-    float* kp = const_cast<float*>(farr(k_pe, c.layers * c.ctx * c.rope, "k_pe cache", true));
+    // the cache: float32 arrays, or float16 ones (an f16 cache)
+    py::array ca = c_kv.cast<py::array>(), ka = k_pe.cast<py::array>();
+    const bool f16 = ca.dtype().kind() == 'f' && ca.itemsize() == 2;
+    void *ck, *kp;
+    if (f16) {
+      ck = half_ptr(ca, c.layers * c.ctx * c.kv_lora, "c_kv cache");
+      kp = half_ptr(ka, c.layers * c.ctx * c.rope, "k_pe cache");
+    } else {
+      ck = const_cast<float*>(farr(c_kv, c.layers * c.ctx * c.kv_lora, "c_kv cache", true));
+      kp = const_cast<float*>(farr(k_pe, c.layers * c.ctx * c.rope, "k_pe cache", true));
+    }
     const float* cs = farr(cos, c.ctx * (c.rope / 2), "rope cos");
     const float* sn = farr(sin, c.ctx * (c.rope / 2), "rope sin");
     try {
-      op = std::make_unique<ktpack::DecodeStep>(c, std::move(ls), on, lin(head), ck, kp, cs, sn);
+      op = std::make_unique<ktpack::DecodeStep>(c, std::move(ls), on, lin(head), ck, kp, f16, cs, sn);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }

@@ -101,6 +101,12 @@ using AttnScoresFn = void (*)(const float* q, int64_t ldq, const float* qr, int6
                               int64_t lds);
 using AttnValuesFn = void (*)(const float* p, int64_t ldp, int64_t H, const float* c, int64_t D, int64_t t0,
                               int64_t t1, float* out);
+// The same over an f16 cache (IEEE half bits; each value widened to f32 exactly, then the f32 arithmetic).
+using AttnScores16Fn = void (*)(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H,
+                                const uint16_t* c, int64_t D, const uint16_t* kr, int64_t R, int64_t t0, int64_t t1,
+                                float scale, float* s, int64_t lds);
+using AttnValues16Fn = void (*)(const float* p, int64_t ldp, int64_t H, const uint16_t* c, int64_t D, int64_t t0,
+                                int64_t t1, float* out);
 
 // Row n of a ggml_rows_v1 matrix as f32 (out[0, k)), the values gguf-py's dequantizer gives, bit for bit;
 // false for a type it does not take (the lanes and amx layouts: no embedding is stored in them).
@@ -119,6 +125,8 @@ struct Kernels {
   ExpSumFn exp_sum;
   AttnScoresFn attn_scores;
   AttnValuesFn attn_values;
+  AttnScores16Fn attn_scores16;
+  AttnValues16Fn attn_values16;
   DequantRowFn dequant_row;
 };
 

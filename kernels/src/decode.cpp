@@ -2,6 +2,8 @@
 // table (dot, axpy, the weight formats' GEMMs); what is left here is O(hidden) scalar glue.
 #include "decode.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -71,10 +73,16 @@ void DecodeStep::reset_profile() {
 }
 
 DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers, const float* out_norm,
-                       LinearOp* head, float* c_kv, float* k_pe, const float* cos, const float* sin)
-    : c_(cfg), L_(std::move(layers)), out_norm_(out_norm), head_(head), c_kv_(c_kv), k_pe_(k_pe), cos_(cos), sin_(sin) {
+                       LinearOp* head, void* c_kv, void* k_pe, bool f16, const float* cos, const float* sin)
+    : c_(cfg), L_(std::move(layers)), out_norm_(out_norm), head_(head), cos_(cos), sin_(sin) {
+  if (f16) {
+    if (!__builtin_cpu_supports("f16c")) throw std::invalid_argument("decode: an f16 KV cache needs F16C");
+    c16_ = static_cast<uint16_t*>(c_kv), k16_ = static_cast<uint16_t*>(k_pe);
+  } else {
+    c_kv_ = static_cast<float*>(c_kv), k_pe_ = static_cast<float*>(k_pe);
+  }
   if (int64_t(L_.size()) != c_.layers) throw std::invalid_argument("decode: one DecodeLayer per layer");
-  if (c_.rope % 2 || c_.ctx < 1 || !head_ || !out_norm_ || !c_kv_ || !k_pe_ || !cos_ || !sin_)
+  if (c_.rope % 2 || c_.ctx < 1 || !head_ || !out_norm_ || !c_kv || !k_pe || !cos_ || !sin_)
     throw std::invalid_argument("decode: incomplete configuration");
   for (const DecodeLayer& l : L_) {
     if (!l.attn_norm || !l.ffn_norm || !l.kv_a_norm || !l.q_b || !l.kv_a || !l.k_b || !l.v_b || !l.o ||
@@ -88,6 +96,7 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
   qa_.resize(size_t(std::max<int64_t>(c_.q_lora, 1)));
   q_.resize(size_t(H * qk));
   kv_.resize(size_t(c_.kv_lora + c_.rope));
+  crow_.resize(size_t(c_.kv_lora + c_.rope));
   qnope_.resize(size_t(H * c_.nope));
   qabs_.resize(size_t(H * c_.kv_lora));
   s_.resize(size_t(H * c_.ctx));
@@ -104,6 +113,14 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
   ch_.resize(size_t(std::max<int64_t>(c_.n_experts, 1)));
   idx_.resize(size_t(std::max<int64_t>(c_.topk, 1)));
   w_.resize(size_t(std::max<int64_t>(c_.topk, 1)));
+}
+
+// f32 -> IEEE half, round to nearest even (F16C; the step is only built with an f16 cache where the CPU has it)
+__attribute__((target("avx,f16c"))) static void to_f16(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
 void DecodeStep::attention(int64_t l, int64_t pos) {
@@ -123,12 +140,21 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
   clk.to(kAttnProj);
   const float* cs = cos_ + pos * (R / 2);
   const float* sn = sin_ + pos * (R / 2);
-  float* cache_c = c_kv_ + (l * c_.ctx) * D;
-  float* cache_k = k_pe_ + (l * c_.ctx) * R;
-  rms_norm(kv_.data(), ly.kv_a_norm, cache_c + pos * D, D, c_.eps);
-  float* kp = cache_k + pos * R;
+  const bool f16 = c16_ != nullptr;
+  float* cache_c = f16 ? nullptr : c_kv_ + (l * c_.ctx) * D;
+  float* cache_k = f16 ? nullptr : k_pe_ + (l * c_.ctx) * R;
+  const uint16_t* cache_c16 = f16 ? c16_ + (l * c_.ctx) * D : nullptr;
+  const uint16_t* cache_k16 = f16 ? k16_ + (l * c_.ctx) * R : nullptr;
+  // the new row [c | k_pe]: in the f32 cache itself, or in crow_ and then rounded into the f16 cache
+  float* cn = f16 ? crow_.data() : cache_c + pos * D;
+  float* kp = f16 ? crow_.data() + D : cache_k + pos * R;
+  rms_norm(kv_.data(), ly.kv_a_norm, cn, D, c_.eps);
   std::copy(kv_.data() + D, kv_.data() + D + R, kp);
   rope_pairs(kp, cs, sn, R);
+  if (f16) {
+    to_f16(cn, c16_ + (l * c_.ctx + pos) * D, D);
+    to_f16(kp, k16_ + (l * c_.ctx + pos) * R, R);
+  }
   for (int64_t h = 0; h < H; ++h) {
     float* q = q_.data() + h * qk;
     rope_pairs(q + c_.nope, cs, sn, R);
@@ -158,8 +184,12 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
   // as lat = sum_j e^(m_j - M) part_j / sum_j e^(m_j - M) l_j, M = max_j m_j.
   run(nch, [&](int64_t j, int) {
     const int64_t t0 = j * rows_per, t1 = std::min(n, (j + 1) * rows_per);
-    kt.attn_scores(qabs_.data(), D, q_.data() + c_.nope, qk, H, cache_c, D, cache_k, R, t0, t1, scale, s_.data(),
-                   c_.ctx);
+    if (f16)
+      kt.attn_scores16(qabs_.data(), D, q_.data() + c_.nope, qk, H, cache_c16, D, cache_k16, R, t0, t1, scale,
+                       s_.data(), c_.ctx);
+    else
+      kt.attn_scores(qabs_.data(), D, q_.data() + c_.nope, qk, H, cache_c, D, cache_k, R, t0, t1, scale, s_.data(),
+                     c_.ctx);
     for (int64_t h = 0; h < H; ++h) {
       float* s = s_.data() + h * c_.ctx + t0;
       const float mx = *std::max_element(s, s + (t1 - t0));
@@ -168,7 +198,8 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
     }
     float* part = part_.data() + j * H * D;
     std::fill(part, part + H * D, 0.f);
-    kt.attn_values(s_.data(), c_.ctx, H, cache_c, D, t0, t1, part);
+    if (f16) kt.attn_values16(s_.data(), c_.ctx, H, cache_c16, D, t0, t1, part);
+    else kt.attn_values(s_.data(), c_.ctx, H, cache_c, D, t0, t1, part);
   });
   for (int64_t h = 0; h < H; ++h) {
     float M = cmax_[size_t(h)];

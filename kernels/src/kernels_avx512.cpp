@@ -141,15 +141,19 @@ void axpy_v(float a, const float* x, float* y, int64_t n) {
 // Attention over the latent cache in register blocks: NH heads x NT cache rows of dot products share
 // each loaded vector (scores), NH heads x 64 values of the latent sum stay in registers over the rows
 // (values), instead of one dot / axpy call per (head, row).
-template <int NH, int NT>
-void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, const float* c, int64_t D,
-                  const float* kr, int64_t R, int64_t t, float scale, float* s, int64_t lds) {
+// 16 cache values as f32: an f32 cache as it is, an f16 one widened exactly (F16C)
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+template <int NH, int NT, typename CT>
+void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, const CT* c, int64_t D,
+                  const CT* kr, int64_t R, int64_t t, float scale, float* s, int64_t lds) {
   __m512 acc[NH][NT];
   for (int h = 0; h < NH; ++h)
     for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 16) {
     __m512 cv[NT];
-    for (int j = 0; j < NT; ++j) cv[j] = _mm512_loadu_ps(c + (t + j) * D + d);
+    for (int j = 0; j < NT; ++j) cv[j] = ld16(c + (t + j) * D + d);
     for (int h = 0; h < NH; ++h) {
       const __m512 qv = _mm512_loadu_ps(q + h * ldq + d);
       for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_fmadd_ps(qv, cv[j], acc[h][j]);
@@ -157,7 +161,7 @@ void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, co
   }
   for (int64_t d = 0; d < R; d += 16) {
     __m512 cv[NT];
-    for (int j = 0; j < NT; ++j) cv[j] = _mm512_loadu_ps(kr + (t + j) * R + d);
+    for (int j = 0; j < NT; ++j) cv[j] = ld16(kr + (t + j) * R + d);
     for (int h = 0; h < NH; ++h) {
       const __m512 qv = _mm512_loadu_ps(qr + h * ldqr + d);
       for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_fmadd_ps(qv, cv[j], acc[h][j]);
@@ -187,36 +191,45 @@ void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, co
   }
 }
 
-void attn_scores_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const float* c, int64_t D,
-                   const float* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s, int64_t lds) {
+template <typename CT>
+void attn_scores_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const CT* c, int64_t D,
+                   const CT* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s, int64_t lds) {
   if (D % 16 || R % 16) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t h = 0; h < H; ++h)
-        s[h * lds + t] = (dot_v(q + h * ldq, c + t * D, D) + dot_v(qr + h * ldqr, kr + t * R, R)) * scale;
+    if constexpr (std::is_same_v<CT, float>) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          s[h * lds + t] = (dot_v(q + h * ldq, c + t * D, D) + dot_v(qr + h * ldqr, kr + t * R, R)) * scale;
+    } else {
+      attn_scores16_generic(q, ldq, qr, ldqr, H, c, D, kr, R, t0, t1, scale, s, lds);
+    }
     return;
   }
-  int64_t h = 0;
-  for (; h + 4 <= H; h += 4) {
-    const float *qh = q + h * ldq, *qrh = qr + h * ldqr;
-    int64_t t = t0;
-    for (; t + 4 <= t1; t += 4) scores_block<4, 4>(qh, ldq, qrh, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
-    for (; t < t1; ++t) scores_block<4, 1>(qh, ldq, qrh, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
+  // rows in blocks of 128 (295 KB of an f32 cache, 147 KB of an f16 one): every head group reads a block
+  // while it is in L2 (a task's rows at long contexts do not fit: 3000 positions, f32, -6 to -8% per token)
+  for (int64_t tb = t0; tb < t1; tb += 128) {
+    const int64_t te = imin64(t1, tb + 128);
+    int64_t h = 0;
+    for (; h + 4 <= H; h += 4) {
+      const float *qh = q + h * ldq, *qrh = qr + h * ldqr;
+      int64_t t = tb;
+      for (; t + 4 <= te; t += 4) scores_block<4, 4>(qh, ldq, qrh, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
+      for (; t < te; ++t) scores_block<4, 1>(qh, ldq, qrh, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
+    }
+    for (; h < H; ++h)
+      for (int64_t t = tb; t < te; ++t)
+        scores_block<1, 1>(q + h * ldq, ldq, qr + h * ldqr, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
   }
-  for (; h < H; ++h)
-    for (int64_t t = t0; t < t1; ++t)
-      scores_block<1, 1>(q + h * ldq, ldq, qr + h * ldqr, ldqr, c, D, kr, R, t, scale, s + h * lds, lds);
 }
 
-template <int NH>
-void values_block(const float* p, int64_t ldp, const float* c, int64_t D, int64_t d, int64_t t0, int64_t t1,
+template <int NH, typename CT>
+void values_block(const float* p, int64_t ldp, const CT* c, int64_t D, int64_t d, int64_t t0, int64_t t1,
                   float* out) {
   __m512 acc[NH][4];
   for (int h = 0; h < NH; ++h)
     for (int j = 0; j < 4; ++j) acc[h][j] = _mm512_setzero_ps();
   for (int64_t t = t0; t < t1; ++t) {
-    const float* ct = c + t * D + d;
-    const __m512 c0 = _mm512_loadu_ps(ct), c1 = _mm512_loadu_ps(ct + 16), c2 = _mm512_loadu_ps(ct + 32),
-                 c3 = _mm512_loadu_ps(ct + 48);
+    const CT* ct = c + t * D + d;
+    const __m512 c0 = ld16(ct), c1 = ld16(ct + 16), c2 = ld16(ct + 32), c3 = ld16(ct + 48);
     for (int h = 0; h < NH; ++h) {
       const __m512 pv = _mm512_set1_ps(p[h * ldp + t]);
       acc[h][0] = _mm512_fmadd_ps(pv, c0, acc[h][0]);
@@ -232,11 +245,16 @@ void values_block(const float* p, int64_t ldp, const float* c, int64_t D, int64_
     }
 }
 
-void attn_values_v(const float* p, int64_t ldp, int64_t H, const float* c, int64_t D, int64_t t0, int64_t t1,
+template <typename CT>
+void attn_values_v(const float* p, int64_t ldp, int64_t H, const CT* c, int64_t D, int64_t t0, int64_t t1,
                    float* out) {
   if (D % 64) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t h = 0; h < H; ++h) axpy_v(p[h * ldp + t], c + t * D, out + h * D, D);
+    if constexpr (std::is_same_v<CT, float>) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t h = 0; h < H; ++h) axpy_v(p[h * ldp + t], c + t * D, out + h * D, D);
+    } else {
+      attn_values16_generic(p, ldp, H, c, D, t0, t1, out);
+    }
     return;
   }
   for (int64_t d = 0; d < D; d += 64) {
@@ -1241,8 +1259,10 @@ void fill_kernels_avx512(Kernels* k) {
   k->silu_mul = silu_mul_v;
   k->exp_sum = exp_sum_v;
   k->dot = dot_v;
-  k->attn_scores = attn_scores_v;
-  k->attn_values = attn_values_v;
+  k->attn_scores = attn_scores_v<float>;
+  k->attn_values = attn_values_v<float>;
+  k->attn_scores16 = attn_scores_v<uint16_t>;
+  k->attn_values16 = attn_values_v<uint16_t>;
   k->read = read_zmm;
   k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
