@@ -24,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai", reason="the tests use the official openai client (test extra)")
 ollama = pytest.importorskip("ollama", reason="the tests use the official ollama client (test extra)")
 
+import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
 from ktpack.runtime.engine import Engine  # noqa: E402
@@ -470,6 +471,13 @@ def test_cli_help_and_bad_folder(tmp_path: Path):
     from ktpack.runtime.server.cli import main
 
     r = CliRunner().invoke(main, ["--help"])
-    assert r.exit_code == 0 and "--api-key" in r.output and "--max-queue" in r.output
+    assert r.exit_code == 0 and "--api-key" in r.output and "--max-queue" in r.output and "--kv-cache" in r.output
     r = CliRunner().invoke(main, [str(tmp_path / "missing")])
     assert r.exit_code == 1 and "kt-serve: error:" in r.output
+    r = CliRunner().invoke(main, [str(tmp_path), "--kv-cache", "q8"])
+    assert r.exit_code == 2 and "'q8' is not one of 'f32', 'f16'" in r.output
+
+
+def test_app_takes_the_kv_cache_type(pack: Path):
+    app = create_app(pack, ctx_size=32, kv_cache="f16")
+    assert app.state.kt.engine.cache.c_kv.dtype == torch.float16

@@ -75,14 +75,17 @@ def create_app(
     ctx_size: int = 4096,
     prefill_chunk: int = 256,
     verify: bool = False,
+    kv_cache: str = "f32",
 ) -> FastAPI:
     """An app serving one packed model. Given a folder, the Engine is made here (ctx_size,
-    prefill_chunk and verify apply); given an Engine, it is used as it is, and must not be used by
+    prefill_chunk, verify and kv_cache apply); given an Engine, it is used as it is, and must not be used by
     anything else while the app runs (it has one KV cache)."""
     if isinstance(engine_or_folder, Engine):
         engine = engine_or_folder
     else:
-        engine = Engine(engine_or_folder, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify)
+        engine = Engine(
+            engine_or_folder, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, kv_cache=kv_cache
+        )
     if max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
     engine.tokenizer  # noqa: B018 - load it now: a folder without one fails here, not on the first request

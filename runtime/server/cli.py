@@ -28,9 +28,16 @@ from ..engine import EngineError
 @click.option("--ctx-size", default=4096, show_default=True, type=click.IntRange(1), help="KV cache length.")
 @click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--verify", is_flag=True, help="Check every checksum of the packed folder before loading.")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["f32", "f16"]),
+    default="f32",
+    show_default=True,
+    help="CPU runs: KV cache element type (f16 halves it; needs F16C).",
+)
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 def main(packed: Path, host: str, port: int, model_name: str | None, api_key: str | None, max_queue: int,
-         ctx_size: int, prefill_chunk: int, verify: bool, log_level: str) -> None:  # fmt: skip
+         ctx_size: int, prefill_chunk: int, verify: bool, kv_cache: str, log_level: str) -> None:  # fmt: skip
     """Serve a packed folder: OpenAI /v1/chat/completions, /v1/completions, /v1/models; Ollama
     /api/chat, /api/generate, /api/tags, /api/show; /health; a chat page at /.
 
@@ -53,6 +60,7 @@ def main(packed: Path, host: str, port: int, model_name: str | None, api_key: st
             ctx_size=ctx_size,
             prefill_chunk=prefill_chunk,
             verify=verify,
+            kv_cache=kv_cache,
         )
     except (ManifestError, EngineError, ChatError, ValueError, OSError) as e:
         click.echo(f"kt-serve: error: {e}", err=True)
