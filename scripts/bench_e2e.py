@@ -226,6 +226,14 @@ def gguf_info(src: Path) -> dict[str, Any]:
     }
 
 
+def set_prompt_length(n_prompt: int, n_gen: int) -> None:
+    """Every engine's prompt length (--n-prompt), and a context that holds it and the generated tokens."""
+    global N_PROMPT, N_CTX
+    N_PROMPT = n_prompt
+    N_CTX = max(N_CTX, 1 << (n_prompt + n_gen - 1).bit_length())
+    log(f"note: --n-prompt {N_PROMPT}, context {N_CTX}")
+
+
 def prompt_ids(info: dict[str, Any], n: int, seed: int) -> list[int]:
     """`n` seeded random ids among the vocabulary's normal tokens (all ids if it has no types)."""
     import numpy as np
@@ -302,12 +310,14 @@ def convert(src: Path, out: Path, kt_convert: str, cpu_layout: str | None = None
     return {"reused": False, "convert_s": round(time.perf_counter() - t0, 1), "cpu_layout": cpu_layout or "ggml"}
 
 
-def ktpack_once(kt_run: str, packed: Path, ids_npy: Path, threads: int, n_gen: int, work: Path, timeout: float):
+def ktpack_once(
+    kt_run: str, packed: Path, ids_npy: Path, threads: int, n_gen: int, work: Path, timeout: float, kv_cache: str
+):
     stats = work / "kt-stats.json"
     stats.unlink(missing_ok=True)
     env = dict(os.environ, KTPACK_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [kt_run, str(packed), "--prompt-ids", str(ids_npy), "--ignore-eos", "--max-new-tokens", str(n_gen)]
-    cmd += ["--temperature", "0", "--ctx-size", str(N_CTX), "--stats-json", str(stats)]
+    cmd += ["--temperature", "0", "--ctx-size", str(N_CTX), "--kv-cache", kv_cache, "--stats-json", str(stats)]
     p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"kt-run failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
@@ -575,7 +585,9 @@ def _engines_once(
         try:
             conv = convert(src, packed, args.kt_convert, args.cpu_layout)
             r = reps.run(
-                lambda: ktpack_once(args.kt_run, packed, ids_npy, args.threads, args.n_gen, work, args.timeout),
+                lambda: ktpack_once(
+                    args.kt_run, packed, ids_npy, args.threads, args.n_gen, work, args.timeout, args.kt_kv_cache
+                ),
                 args.reps,
                 1,
                 f"ktpack {src.name}",
@@ -760,6 +772,16 @@ def main() -> None:
         "--rounds", type=int, default=1, help="run the engines one after another this many times per file, reps pooled"
     )
     ap.add_argument("--n-gen", type=int, default=N_GEN)
+    ap.add_argument(
+        "--n-prompt",
+        type=int,
+        default=N_PROMPT,
+        help="prompt length (default 512, the issue's); longer ones measure decode at a long context (the roofline "
+        "counts weights only, not the KV cache the attention reads)",
+    )
+    ap.add_argument(
+        "--kt-kv-cache", choices=("f32", "f16"), default="f32", help="ktpack's KV cache type (kt-run --kv-cache)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt ids")
     ap.add_argument("--quiet", type=float, default=0.05, help="others' CPU allowed during a rep, in cores")
     ap.add_argument("--quiet-timeout", type=float, default=300.0, help="longest wait for a quiet machine (s)")
@@ -784,6 +806,8 @@ def main() -> None:
         ap.error(f"unknown engines: {', '.join(sorted(bad))}")
     if args.n_gen != N_GEN:
         log(f"note: --n-gen {args.n_gen}; ik_llama.cpp runs tg{args.n_gen}")
+    if args.n_prompt != N_PROMPT:
+        set_prompt_length(args.n_prompt, args.n_gen)
     args.work.mkdir(parents=True, exist_ok=True)
 
     llama_python = args.llama_python
