@@ -13,7 +13,7 @@ from ktpack.layouts.errors import ManifestError
 
 from .chat import ChatError
 from .cuda_ops import CudaUnavailable
-from .engine import Engine, EngineError, Generation
+from .engine import KV_CACHE_TYPES, Engine, EngineError, Generation
 from .sampling import SamplingParams
 
 _D = SamplingParams()
@@ -94,7 +94,7 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
 )
 @click.option(
     "--kv-cache",
-    type=click.Choice(["f32", "f16"]),
+    type=click.Choice(list(KV_CACHE_TYPES)),
     default="f32",
     show_default=True,
     help="CPU runs: KV cache element type. f16 (llama.cpp's default) halves the cache and the bytes each "

@@ -194,14 +194,8 @@ void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, co
 template <typename CT>
 void attn_scores_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const CT* c, int64_t D,
                    const CT* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s, int64_t lds) {
-  if (D % 16 || R % 16) {
-    if constexpr (std::is_same_v<CT, float>) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t h = 0; h < H; ++h)
-          s[h * lds + t] = (dot_v(q + h * ldq, c + t * D, D) + dot_v(qr + h * ldqr, kr + t * R, R)) * scale;
-    } else {
-      attn_scores16_generic(q, ldq, qr, ldqr, H, c, D, kr, R, t0, t1, scale, s, lds);
-    }
+  if (D % 16 || R % 16) {  // shapes the register blocks do not take (no DeepSeek one)
+    attn_scores_generic(q, ldq, qr, ldqr, H, c, D, kr, R, t0, t1, scale, s, lds);
     return;
   }
   // rows in blocks of 128 (295 KB of an f32 cache, 147 KB of an f16 one): every head group reads a block
@@ -249,12 +243,7 @@ template <typename CT>
 void attn_values_v(const float* p, int64_t ldp, int64_t H, const CT* c, int64_t D, int64_t t0, int64_t t1,
                    float* out) {
   if (D % 64) {
-    if constexpr (std::is_same_v<CT, float>) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t h = 0; h < H; ++h) axpy_v(p[h * ldp + t], c + t * D, out + h * D, D);
-    } else {
-      attn_values16_generic(p, ldp, H, c, D, t0, t1, out);
-    }
+    attn_values_generic(p, ldp, H, c, D, t0, t1, out);
     return;
   }
   for (int64_t d = 0; d < D; d += 64) {
@@ -743,50 +732,38 @@ void q32_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
 }
 
 // ------------------------------------------------------------------------------------------------
-// ggml BF16 / F32 rows (blocks of one value: 8 rows' values of column b are adjacent). A vector of
-// 16 weights is columns (b, b+1) x rows 0..7; the activation vector is [x_b x8, x_b+1 x8].
+// ggml F32 rows (blocks of one value: 8 rows' values of column b are adjacent). A vector of 16 weights
+// is columns (b, b+1) x rows 0..7; the activation vector is [x_b x8, x_b+1 x8].
 
-template <bool BF16>
-inline __m512 load16(const uint8_t* p) {
-  if constexpr (BF16)
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  else
-    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
-}
-
-template <bool BF16>
-void float_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  constexpr int ES = BF16 ? 2 : 4;
+void f32_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const __m512i i01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i i23 = _mm512_add_epi32(i01, _mm512_set1_epi32(2));
   const int64_t k4 = w.k / 4 * 4;
   for (int64_t g0 = n0; g0 < n1; g0 += w.rows) {
     const int rg = int(imin64(w.rows, w.n - g0));
     if (rg != 8) {
-      gemm_rows<BF16 ? row_bf16 : row_f32>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
+      gemm_rows<row_f32>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
       continue;
     }
-    const uint8_t* base = w.data + g0 * w.k * ES;
+    const uint8_t* base = w.data + g0 * w.k * 4;
     for (int r = 0; r < a.m; ++r) {
       const float* x = a.x + a.row(r) * a.ldx;
       __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
       for (int64_t b = 0; b < k4; b += 4) {
         const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x + b));
-        const uint8_t* p = base + b * 8 * ES;
+        const uint8_t* p = base + b * 32;
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-        if constexpr (ES == 4) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
-        acc0 = _mm512_fmadd_ps(load16<BF16>(p), _mm512_permutexvar_ps(i01, xb), acc0);
-        acc1 = _mm512_fmadd_ps(load16<BF16>(p + 16 * ES), _mm512_permutexvar_ps(i23, xb), acc1);
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(p)), _mm512_permutexvar_ps(i01, xb), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(p + 64)), _mm512_permutexvar_ps(i23, xb),
+                               acc1);
       }
       const __m512 s = _mm512_add_ps(acc0, acc1);
       __m256 v = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
       alignas(32) float out[8];
       _mm256_store_ps(out, v);
       for (int64_t b = k4; b < w.k; ++b)
-        for (int i = 0; i < 8; ++i) {
-          const uint8_t* p = base + (b * 8 + i) * ES;
-          out[i] += (BF16 ? bf16_to_f32(rd16(p)) : rdf32(p)) * x[b];
-        }
+        for (int i = 0; i < 8; ++i) out[i] += rdf32(base + (b * 8 + i) * 4) * x[b];
       for (int i = 0; i < 8; ++i) y[r * ldy + g0 + i] = out[i];
     }
   }
@@ -1269,7 +1246,7 @@ void fill_kernels_avx512(Kernels* k) {
   k->gemm[int(WType::ggml_q5_k)] = kquant_gemm<176>;
   k->gemm[int(WType::ggml_q6_k)] = kquant_gemm<210>;
   k->gemm[int(WType::ggml_bf16)] = bf16_rows_gemm;
-  k->gemm[int(WType::ggml_f32)] = float_rows_gemm<false>;
+  k->gemm[int(WType::ggml_f32)] = f32_rows_gemm;
   k->gemm[int(WType::amx_int8)] = amx_gemm<Int8NB>;
   k->gemm[int(WType::amx_int4)] = amx_gemm<Int4NB>;
   k->gemm[int(WType::amx_bf16)] = amx_gemm<Bf16NB>;

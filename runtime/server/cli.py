@@ -10,7 +10,7 @@ import click
 from ktpack.layouts.errors import ManifestError
 
 from ..chat import ChatError
-from ..engine import EngineError
+from ..engine import KV_CACHE_TYPES, EngineError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,7 +30,7 @@ from ..engine import EngineError
 @click.option("--verify", is_flag=True, help="Check every checksum of the packed folder before loading.")
 @click.option(
     "--kv-cache",
-    type=click.Choice(["f32", "f16"]),
+    type=click.Choice(list(KV_CACHE_TYPES)),
     default="f32",
     show_default=True,
     help="CPU runs: KV cache element type (f16 halves it; needs F16C).",
