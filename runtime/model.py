@@ -27,6 +27,7 @@ always looked up on the CPU.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 
 import torch
@@ -61,6 +62,25 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+HUGE_PAGE = 2 << 20
+
+
+def zeros_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros in private anonymous memory, 2 MiB-aligned, that the kernel is asked to back
+    with 2 MiB pages (MADV_HUGEPAGE; Linux with transparent huge pages in `madvise` or `always` mode).
+    The KV cache lives here: a decode step reads every layer's cache rows right after streaming ~30 MB of
+    weights, which evict the 4 KiB pages' TLB entries; measured on bench-Q4_K_M at 512 positions, the
+    decode step's attention 1.06 -> 0.99 ms per token. Elsewhere (or below 2 MiB) plain torch.zeros."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype)
+    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    base = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping; unmapped with the last view
+    off = (-base.data_ptr()) % HUGE_PAGE
+    return base[off : off + nbytes].view(dtype).view(shape)
+
+
 class KVCache:
     """Static MLA cache for `ctx_size` positions, allocated once.
 
@@ -79,8 +99,12 @@ class KVCache:
             raise ValueError(f"ctx_size must be >= 1, got {ctx_size}")
         self.ctx_size = ctx_size
         n = cfg.num_hidden_layers
-        self.c_kv = torch.zeros(n, ctx_size, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(n, ctx_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        if device is None or torch.device(device).type == "cpu":
+            self.c_kv = zeros_huge((n, ctx_size, cfg.kv_lora_rank), dtype)
+            self.k_pe = zeros_huge((n, ctx_size, cfg.qk_rope_head_dim), dtype)
+        else:
+            self.c_kv = torch.zeros(n, ctx_size, cfg.kv_lora_rank, dtype=dtype, device=device)
+            self.k_pe = torch.zeros(n, ctx_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.rope = RopeTable(cfg, ctx_size)
         self.positions = torch.arange(ctx_size, device=device)
         if device is not None:

@@ -260,3 +260,32 @@ def test_bad_folders_refused(tiny_dir, packs, tmp_path):
     with pytest.raises(ManifestError) as e:
         load_pack(corrupt, verify=True)
     _one_line(e, p.file, "checksum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_cache_memory_is_zeroed_aligned_and_writable(packs, dtype):
+    """The CPU KV cache's memory (model.zeros_huge): zeros, 2 MiB-aligned when it is that big, each
+    tensor its own memory, writes land where the view says, and reset() clears them."""
+    from ktpack.runtime.model import HUGE_PAGE, zeros_huge
+
+    small = zeros_huge((3, 5), dtype)
+    assert small.shape == (3, 5) and small.dtype == dtype and not small.any()
+    shape = (2, 700, 1024)  # 2.9 MB in f16, 5.7 MB in f32
+    a, b = zeros_huge(shape, dtype), zeros_huge(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.is_contiguous() and not a.any()
+    import mmap
+
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert a.data_ptr() % HUGE_PAGE == 0
+    a[1, 699, 1023] = 3.0
+    a[0, 0, 0] = -1.0
+    assert float(a.sum()) == 2.0 and not b.any()
+    assert float(a.view(-1)[-1]) == 3.0 and float(a.view(-1)[0]) == -1.0
+
+    model = DeepseekV3Model(load_pack(packs("tiny-F32.gguf", target="cpu")))
+    cache = KVCache(model.config, 4096, dtype=dtype)  # > 2 MiB: the huge-page path
+    assert cache.c_kv.dtype == dtype and not cache.c_kv.any() and not cache.k_pe.any()
+    cache.c_kv[0, 3] = 1.0
+    cache.k_pe[-1, -1] = 2.0
+    cache.reset()
+    assert not cache.c_kv.any() and not cache.k_pe.any()
