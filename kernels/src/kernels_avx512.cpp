@@ -191,6 +191,21 @@ void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, co
   }
 }
 
+// Reads `bytes` from p (rounded down to 256) with independent loads: the rows come in from DRAM at the
+// streaming rate, with many misses in flight, before the score blocks walk them 4 rows at a time (which
+// leaves the hardware prefetcher few streams: a cold 128-row block cost ~1.6x a warm one). Decode at 512
+// positions, in-process A/B: attention 1.003 -> 0.933 ms/token (f32 cache), 0.904 -> 0.829 (f16).
+inline void touch(const void* p, int64_t bytes) {
+  const char* a = static_cast<const char*>(p);
+  const char* e = a + (bytes & ~int64_t(255));
+  __m512i o = _mm512_setzero_si512();
+  for (; a < e; a += 256)
+    o = _mm512_or_si512(o, _mm512_or_si512(_mm512_or_si512(_mm512_loadu_si512(a), _mm512_loadu_si512(a + 64)),
+                                           _mm512_or_si512(_mm512_loadu_si512(a + 128), _mm512_loadu_si512(a + 192))));
+  volatile int sink = _mm512_reduce_or_epi32(o);  // keeps the loads
+  (void)sink;
+}
+
 template <typename CT>
 void attn_scores_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const CT* c, int64_t D,
                    const CT* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s, int64_t lds) {
@@ -202,6 +217,8 @@ void attn_scores_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, i
   // while it is in L2 (a task's rows at long contexts do not fit: 3000 positions, f32, -6 to -8% per token)
   for (int64_t tb = t0; tb < t1; tb += 128) {
     const int64_t te = imin64(t1, tb + 128);
+    touch(c + tb * D, (te - tb) * D * sizeof(CT));
+    touch(kr + tb * R, (te - tb) * R * sizeof(CT));
     int64_t h = 0;
     for (; h + 4 <= H; h += 4) {
       const float *qh = q + h * ldq, *qrh = qr + h * ldqr;
