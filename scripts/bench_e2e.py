@@ -754,7 +754,7 @@ def main() -> None:
         "--llama-kv-type",
         choices=("f16", "f32"),
         default="f16",
-        help="llama.cpp's KV cache type (default f16, its own default; ktpack keeps an f32 cache)",
+        help="llama.cpp's KV cache type (default f16, its own default)",
     )
     ap.add_argument("--ik-llama-bench", help="ik_llama.cpp's llama-bench binary")
     ap.add_argument(
@@ -780,7 +780,11 @@ def main() -> None:
         "counts weights only, not the KV cache the attention reads)",
     )
     ap.add_argument(
-        "--kt-kv-cache", choices=("f32", "f16"), default="f32", help="ktpack's KV cache type (kt-run --kv-cache)"
+        "--kt-kv-cache",
+        choices=("f32", "f16"),
+        default="f16",
+        help="ktpack's KV cache type (kt-run --kv-cache; default f16, the cache type llama.cpp and "
+        "ik_llama.cpp use by default)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt ids")
     ap.add_argument("--quiet", type=float, default=0.05, help="others' CPU allowed during a rep, in cores")
@@ -834,6 +838,7 @@ def main() -> None:
         "bandwidth": bw,
         "quiet_threshold_cores": args.quiet,
         "ktpack_cpu_layout": args.cpu_layout or "ggml",
+        "ktpack_kv_cache": args.kt_kv_cache,
         "results": results,
     }
     print(table(results))
