@@ -79,9 +79,15 @@ def dequant_matrix(
     raise ValueError(f"{entry.name}: layout {layout} has no CPU reference path")
 
 
+BF16_ACT = -1  # act_block's answer for BF16 weights: activations rounded to bf16, not block-quantized
+
+
 def act_block(entry: TensorEntry) -> int | None:
-    """Values per activation scale the native engine uses for this weight (None: f32 activations)."""
+    """Values per activation scale the native engine uses for this weight; BF16_ACT for BF16 weights (the
+    engine multiplies them with the activations rounded to bf16); None: f32 activations (F32 weights)."""
     layout, params = entry.layout, entry.params
+    if layout == L.AMX_BF16 or (layout == L.GGML_ROWS and params.get("ggml_type") == "BF16"):
+        return BF16_ACT
     if layout == L.GGML_LANES:
         return ggml_lanes.BLOCK_VALUES[params["ggml_type"]]
     if layout == L.GGML_ROWS:
@@ -98,7 +104,11 @@ def act_block(entry: TensorEntry) -> int | None:
 def quantize_act(x: torch.Tensor, block: int) -> torch.Tensor:
     """The values the native engine's integer kernels see instead of `x` (its exact definition):
     per block of `block` values along the last axis, d = amax / 127 and q = round-half-even(x · 127 /
-    amax) (f32 arithmetic), clipped to ±127; returns d · q. |x - d q| <= d / 2 (up to f32 rounding)."""
+    amax) (f32 arithmetic), clipped to ±127; returns d · q. |x - d q| <= d / 2 (up to f32 rounding).
+    block = BF16_ACT: x rounded to bf16 (nearest even; |x - bf16(x)| <= 2^-8 |x|), what its BF16
+    kernels multiply (as llama.cpp's BF16 dot and AMX-BF16 do)."""
+    if block == BF16_ACT:
+        return x.detach().to(torch.float32).to(torch.bfloat16).to(torch.float32)
     xb = x.detach().to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))

@@ -3,15 +3,17 @@
 Both run the same weight operations on the same cache contents; they differ in the glue's float
 summation order (RMSNorm sums, attention dots, softmax), i.e. by f32 rounding:
 
-- float packs (ggml F32 / BF16 rows): no activation is quantized (the AVX-512 BF16 kernel reads it as two
-  bf16 terms, within 2^-16 of it), so the step equals the torch forward within 1e-4 (measured ~2e-6 to
-  4e-6), top-1 equal, on 32 teacher-forced steps, under every ISA this CPU runs;
-- integer packs quantize every activation to int8 codes per block: a code on a rounding boundary may go
-  the other way on an ulp of difference, which moves its value by amax/127, and a near-tie router
-  choice may flip. That sensitivity is the torch path's own: perturbing its input by 2^-22 (relative)
-  moves the tiny model's logits by up to 0.05 on Q8_0 and Q4_K_M. So each of 16 single steps from the
-  same prefilled cache must be within 0.25 (5x that), and most of them (>= 10 of 16) exact to 1e-3 — a
-  wrong kernel, head, rope or cache row misses both on every step.
+- F32 packs: no activation is rounded, so the step equals the torch forward within 1e-4 (measured ~2e-6
+  to 4e-6), top-1 equal, on 32 teacher-forced steps, under every ISA this CPU runs;
+- integer packs quantize every activation to int8 codes per block, and BF16 packs round it to bf16: a
+  value on a rounding boundary may go the other way on an ulp of difference, which moves it by amax/127
+  (2^-8 relative for bf16), and a near-tie router choice may flip. That sensitivity is the torch path's
+  own: perturbing its input by 2^-22 (relative) moves the tiny model's logits by up to 0.05 on Q8_0 and
+  Q4_K_M. So each of 16 single steps from the same prefilled cache must be within 0.25 (5x that), and
+  most of them (>= 10 of 16) exact to 1e-3 — a wrong kernel, head, rope or cache row misses both on
+  every step. A flipped bf16 rounding moves less:
+  over 4 prompts, 0.005 to 0.017, with 8 to 14 of the 16 steps bit-equal; BF16 must be within 0.05 with
+  >= 6 of 16 exact to 1e-3.
 - the router alone: the same experts and weights (1e-6) as runtime/moe.py's Router on the same input.
 """
 
@@ -56,7 +58,7 @@ def _torch_step(model, cache, tok: int, pos: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("src", ["tiny-F32.gguf", "tiny-BF16.gguf"])
+@pytest.mark.parametrize("src", ["tiny-F32.gguf"])
 def test_float_pack_decode_equals_torch(isa, src, isa_env, packs):
     isa_env(isa)
     prompt, toks = _ids(24, 1), _ids(32, 2)
@@ -128,10 +130,11 @@ def test_kv_cache_option(packs):
         ("tiny-Q4_K_M.gguf", {"target": "cpu", "numa_nodes": 2}),
         ("tiny-Q8_0.gguf", {"target": "cpu", "cpu_layout": "amx-int8"}),
         ("tiny-Q8_0.gguf", {"target": "cpu", "cpu_layout": "amx-int4"}),
+        ("tiny-BF16.gguf", {"target": "cpu"}),
     ],
-    ids=["Q8_0", "Q4_K_M-2nodes", "amx-int8", "amx-int4"],
+    ids=["Q8_0", "Q4_K_M-2nodes", "amx-int8", "amx-int4", "BF16"],
 )
-def test_integer_pack_single_steps(src, opts, packs):
+def test_rounded_activation_pack_single_steps(src, opts, packs):
     prompt = _ids(40, 3)
     model, cache, step = _setup(packs(src, **opts), prompt)
     saved = (cache.c_kv.clone(), cache.k_pe.clone())
@@ -146,8 +149,9 @@ def test_integer_pack_single_steps(src, opts, packs):
         diffs.append((got - want).abs().max().item())
     exact = sum(d <= 1e-3 for d in diffs)
     print(f"\n{src} {opts}: 16 single steps, max |diff| {max(diffs):.3g}, {exact}/16 within 1e-3")
-    assert max(diffs) <= 0.25, diffs
-    assert exact >= 10, diffs
+    worst, min_exact = (0.05, 6) if "BF16" in src else (0.25, 10)
+    assert max(diffs) <= worst, diffs
+    assert exact >= min_exact, diffs
 
 
 @pytest.mark.parametrize("src", ["tiny-F32.gguf", "tiny-BF16.gguf", "tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf"])

@@ -1,10 +1,10 @@
 """The runtime on the native CPU engine, under every ISA this machine runs (forced in turn).
 
-- Float layouts (ggml F32/BF16 rows, amx-bf16 tiles): the engine's arithmetic is f32 (AVX-512 BF16 rows:
-  activations as two bf16 terms, within 2^-16 of f32), so its logits
-  meet the runtime's oracle bound against transformers (1e-4, top-1 equal everywhere).
-- Integer layouts quantize every activation to int8 per block (the engine's definition,
-  runtime.cpu_ops.quantize_act). Each operation is checked where it is exact: every CPU linear of the
+- F32 layouts: the engine's arithmetic is f32, so its logits meet the runtime's oracle bound against
+  transformers (1e-4, top-1 equal everywhere).
+- Integer layouts quantize every activation to int8 per block, and BF16 layouts (ggml BF16 rows, amx-bf16
+  tiles) round it to bf16 (the engine's definitions, runtime.cpu_ops.quantize_act; llama.cpp's BF16 dot
+  does the same). Each operation is checked where it is exact: every CPU linear of the
   pack against the reference engine given the same quantized inputs ("ref-actq"), within 1e-5 of the
   output scale; every routed-experts layer within 1e-2 (its intermediate h is quantized again, and a
   code of h may round the other way on an ulp of difference). Whole-model logits are not a bound: a
@@ -42,10 +42,10 @@ for _name in K.ISAS:
 
 FLOAT_PACKS = [
     ("tiny-F32.gguf", {"target": "cpu"}),
+]
+ROUNDED_PACKS = [  # activations quantized to int8 or rounded to bf16
     ("tiny-BF16.gguf", {"target": "cpu"}),
     ("tiny-F32.gguf", {"target": "gpu", "cpu_layout": "amx-bf16", "numa_nodes": 2}),
-]
-INT_PACKS = [
     ("tiny-Q8_0.gguf", {"target": "cpu"}),
     ("tiny-Q4_K_M.gguf", {"target": "cpu", "numa_nodes": 2}),
     ("tiny-Q5_K.gguf", {"target": "cpu"}),
@@ -101,8 +101,8 @@ def test_float_layouts_match_transformers(isa, pack, isa_env, packs, tiny_dir, i
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("pack", INT_PACKS, ids=_pid)
-def test_integer_layouts_per_op_and_model(isa, pack, isa_env, packs, ids):
+@pytest.mark.parametrize("pack", ROUNDED_PACKS, ids=_pid)
+def test_rounded_layouts_per_op_and_model(isa, pack, isa_env, packs, ids):
     isa_env(isa)
     folder = packs(pack[0], **pack[1])
     native = load_pack(folder, engine="native")

@@ -4,7 +4,8 @@
 // CPU and OS run them. Integer formats: weight codes x int8 activation codes in integers
 // (maddubs/madd for the ggml K-quants, VNNI dpbusd for the amx tile layouts), one f32 FMA per scale
 // block. Float formats: F32 weights FMA'd with the f32 activations (exact products); BF16 weights with
-// vdpbf16ps against the activations split into two bf16 terms (within 2^-16 of them; bf16_rows_gemm).
+// vdpbf16ps against the activations rounded to bf16 (round to nearest even, as llama.cpp's BF16 dot
+// and AMX-BF16 do; the products are exact in f32): see bf16_rows_gemm and amx_bf16_gemm.
 //
 // Each kernel walks one ggml row group (8 rows, blocks interleaved) or one amx N-block (4 tiles of
 // 16 rows, K-blocks interleaved) front to back, so a thread streams contiguous memory; up to MT
@@ -788,38 +789,26 @@ void f32_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
 
 // ggml BF16 rows with vdpbf16ps. Two row groups side by side (rows g0..g0+15) fill the 16 lanes; a lane
 // holds its row's weights of columns (b, b+1) as one bf16 pair (one vpermt2w of the two groups' loads,
-// shared by the tokens of a block), and the activation pair is one broadcast dword. The f32 activation
-// is split x = hi + lo, hi = bf16(x), lo = bf16(x - hi), both round-to-nearest-even, so
-// |x - hi - lo| <= 2^-16 |x|; the products w hi and w lo are exact in f32 (8-bit significands), so the
-// result differs from the f32 dot product by at most 2^-16 sum|w x| plus f32 summation rounding.
-// Tokens go in blocks of kBf16Tokens (their hi/lo pairs, 4K bytes per token, stay in L2 while every row
+// shared by the tokens of a block), and the activation pair is one broadcast dword. Activations are
+// rounded to bf16 first (RNE: |x - bf16(x)| <= 2^-8 |x|); the products w * bf16(x) are exact in f32, so
+// the result is the f32 dot product of W with bf16(x) up to f32 summation rounding.
+// Tokens go in blocks of kBf16Tokens (their bf16 rows, 2K bytes per token, stay in L2 while every row
 // pair of the task uses them); within a block, 4 tokens share each permuted weight vector.
 constexpr int kBf16Tokens = 64;
 
-inline uint16_t f32_to_bf16_rne(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
+// One row of K floats as bf16 (round to nearest even).
+void to_bf16(const float* x, int64_t K, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 32 <= K; i += 32)
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+  for (; i < K; ++i) out[i] = f32_to_bf16_rne(x[i]);
 }
 
-// hi and lo bf16 values of one row of K floats (K words each).
-void split_bf16(const float* x, int64_t K, uint16_t* hi, uint16_t* lo) {
-  int64_t i = 0;
-  for (; i + 32 <= K; i += 32) {
-    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
-    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // words 0-15 from a, 16-31 from b
-    const __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-    const __m512 hb =
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-    const __m512i l = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
-    _mm512_storeu_si512(hi + i, h);
-    _mm512_storeu_si512(lo + i, l);
-  }
-  for (; i < K; ++i) {
-    hi[i] = f32_to_bf16_rne(x[i]);
-    lo[i] = f32_to_bf16_rne(x[i] - bf16_to_f32(hi[i]));
-  }
+// Token rows r0..r0+mt-1 of `a` as bf16 rows of K words, into this thread's scratch.
+const uint16_t* bf16_rows(const QAct& a, int r0, int mt, int64_t K) {
+  uint16_t* xs = reinterpret_cast<uint16_t*>(x_scratch(int64_t(mt) * 2 * K));
+  for (int t = 0; t < mt; ++t) to_bf16(a.x + a.row(r0 + t) * a.ldx, K, xs + t * K);
+  return xs;
 }
 
 inline __m512 dp_bf16(__m512 acc, __m512i w, __m512i x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
@@ -831,7 +820,7 @@ inline __m512i bcast_pair(const uint16_t* p) {
 }
 
 // Rows g0..g0+15 (group B = g0 + 8; `lone`: only group A, its lanes 8-15 unused) x tokens r0..r0+MT-1;
-// hi/lo of token t at xs + (t - r0) * 2K words (hi, then lo).
+// the bf16 row of token t at xs + (t - r0) * K.
 template <int MT>
 void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0, float* y, int64_t ldy) {
   const int64_t K = w.k, k4 = K / 4 * 4;
@@ -840,9 +829,8 @@ void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0,
   const __m512i i01 = _mm512_set_epi16(47, 39, 46, 38, 45, 37, 44, 36, 43, 35, 42, 34, 41, 33, 40, 32, 15, 7, 14, 6,
                                        13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
   const __m512i i23 = _mm512_add_epi16(i01, _mm512_set1_epi16(16));
-  __m512 acc[MT][4];  // four independent chains per token (the dot's latency exceeds its issue interval)
-  for (int t = 0; t < MT; ++t)
-    for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
+  __m512 acc[MT][2];  // two independent chains per token
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < k4; b += 4) {
     const __m512i wa = _mm512_loadu_si512(pa + b * 16), wb = _mm512_loadu_si512(pb + b * 16);
     if (MT == 1) {
@@ -851,24 +839,17 @@ void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0,
     }
     const __m512i w01 = _mm512_permutex2var_epi16(wa, i01, wb), w23 = _mm512_permutex2var_epi16(wa, i23, wb);
     for (int t = 0; t < MT; ++t) {
-      const uint16_t* hi = xs + t * 2 * K;
-      const uint16_t* lo = hi + K;
-      acc[t][0] = dp_bf16(acc[t][0], w01, bcast_pair(hi + b));
-      acc[t][1] = dp_bf16(acc[t][1], w01, bcast_pair(lo + b));
-      acc[t][2] = dp_bf16(acc[t][2], w23, bcast_pair(hi + b + 2));
-      acc[t][3] = dp_bf16(acc[t][3], w23, bcast_pair(lo + b + 2));
+      const uint16_t* x = xs + t * K;
+      acc[t][0] = dp_bf16(acc[t][0], w01, bcast_pair(x + b));
+      acc[t][1] = dp_bf16(acc[t][1], w23, bcast_pair(x + b + 2));
     }
   }
   for (int t = 0; t < MT; ++t) {
     alignas(64) float out[16];
-    _mm512_store_ps(out, _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][2]), _mm512_add_ps(acc[t][1], acc[t][3])));
-    const uint16_t* hi = xs + t * 2 * K;
-    const uint16_t* lo = hi + K;
-    for (int64_t b = k4; b < K; ++b)  // the last K % 4 columns, the same hi + lo products
-      for (int i = 0; i < 16; ++i) {
-        const uint8_t* p = (i < 8 ? pa : pb) + (b * 8 + (i & 7)) * 2;
-        out[i] += bf16_to_f32(rd16(p)) * bf16_to_f32(hi[b]) + bf16_to_f32(rd16(p)) * bf16_to_f32(lo[b]);
-      }
+    _mm512_store_ps(out, _mm512_add_ps(acc[t][0], acc[t][1]));
+    const uint16_t* x = xs + t * K;
+    for (int64_t b = k4; b < K; ++b)  // the last K % 4 columns, the same products
+      for (int i = 0; i < 16; ++i) out[i] += bf16_to_f32(rd16((i < 8 ? pa : pb) + (b * 8 + (i & 7)) * 2)) * bf16_to_f32(x[b]);
     float* yr = y + (r0 + t) * ldy + g0;
     for (int i = 0; i < (lone ? 8 : 16); ++i) yr[i] = out[i];
   }
@@ -876,17 +857,16 @@ void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0,
 
 void bf16_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t K = w.k;
-  const int64_t full = imin64(n1, w.n / 8 * 8);  // rows of full 8-row groups; a partial group is exact f32
+  const int64_t full = imin64(n1, w.n / 8 * 8);  // rows of full 8-row groups; a partial group: row_bf16
   if (full > n0) {
-    uint16_t* xs = reinterpret_cast<uint16_t*>(x_scratch(int64_t(kBf16Tokens) * 4 * K));
     for (int r0 = 0; r0 < a.m; r0 += kBf16Tokens) {
       const int mt = int(imin64(kBf16Tokens, a.m - r0));
-      for (int t = 0; t < mt; ++t) split_bf16(a.x + a.row(r0 + t) * a.ldx, K, xs + t * 2 * K, xs + t * 2 * K + K);
+      const uint16_t* xs = bf16_rows(a, r0, mt, K);
       for (int64_t g0 = n0; g0 < full; g0 += 16) {
         const bool lone = g0 + 16 > full;
         int t = 0;
-        for (; t + 4 <= mt; t += 4) bf16_pair<4>(w, xs + t * 2 * K, g0, lone, r0 + t, y, ldy);
-        for (; t < mt; ++t) bf16_pair<1>(w, xs + t * 2 * K, g0, lone, r0 + t, y, ldy);
+        for (; t + 4 <= mt; t += 4) bf16_pair<4>(w, xs + t * K, g0, lone, r0 + t, y, ldy);
+        for (; t < mt; ++t) bf16_pair<1>(w, xs + t * K, g0, lone, r0 + t, y, ldy);
       }
     }
   }
@@ -991,31 +971,60 @@ void amx_int4_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r
     for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, accf[s][t]);
 }
 
+// amx_bf16 with vdpbf16ps: a tile row is 16 output rows x one (k, k+1) bf16 pair, the pair the
+// instruction multiplies, so one broadcast activation pair (bf16, rounded as in bf16_rows_gemm) gives
+// 16 outputs x 2 exact products. One token (decode) reads the tiles one after another, front to back;
+// MT tokens read row r of all the block's tiles before row r + 1 (tiles x MT independent chains, ~7%
+// faster in a prefill; from DRAM that order halved the one-token rate: 21 -> 11 GB/s). One thread, 64
+// tokens, 512 x 2048: 47 -> 115 GMAC/s against the f32 FMAs on widened weights it replaced.
 template <int MT>
-void amx_bf16_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
-  const int64_t kt = w.k / 32;
+void amx_bf16_nblock(const WMat& w, const uint16_t* xs, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+  const int64_t kt = w.k / 32, K = w.k;
   const uint8_t* base = w.data + nt0 * kt * 1024;
-  const __m512i hi_mask = _mm512_set1_epi32(int(0xFFFF0000u));
-  __m512 accf[4][MT];
-  for (int s = 0; s < tiles; ++s)
-    for (int t = 0; t < MT; ++t) accf[s][t] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < kt; ++kb)
-    for (int s = 0; s < tiles; ++s) {
-      const uint8_t* tile = base + (kb * tiles + s) * 1024;
-      for (int r = 0; r < 16; ++r) {
-        if constexpr (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * r) + kPrefetch, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(tile + 64 * r);
-        const __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        const __m512 od = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
-        for (int t = 0; t < MT; ++t) {
-          const float* x = a.x + a.row(r0 + t) * a.ldx + 32 * kb + 2 * r;
-          accf[s][t] = _mm512_fmadd_ps(ev, _mm512_set1_ps(x[0]), accf[s][t]);
-          accf[s][t] = _mm512_fmadd_ps(od, _mm512_set1_ps(x[1]), accf[s][t]);
+  __m512 acc[4][MT];
+  for (int s = 0; s < 4; ++s)
+    for (int t = 0; t < MT; ++t) acc[s][t] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < kt; ++kb) {
+    const uint8_t* blk = base + kb * tiles * 1024;
+    if constexpr (MT == 1) {
+      for (int s = 0; s < tiles; ++s) {
+        const uint8_t* tile = blk + s * 1024;
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * r) + kPrefetch, _MM_HINT_T0);
+          acc[s][0] = dp_bf16(acc[s][0], _mm512_loadu_si512(tile + 64 * r), bcast_pair(xs + 32 * kb + 2 * r));
         }
       }
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r)
+        for (int s = 0; s < 4; ++s) {
+          if (s >= tiles) break;
+          const __m512i v = _mm512_loadu_si512(blk + s * 1024 + 64 * r);
+          for (int t = 0; t < MT; ++t) acc[s][t] = dp_bf16(acc[s][t], v, bcast_pair(xs + t * K + 32 * kb + 2 * r));
+        }
     }
+  }
   for (int s = 0; s < tiles; ++s)
-    for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, accf[s][t]);
+    for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, acc[s][t]);
+}
+
+void amx_bf16_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  if (w.n_block > 4) {  // the kernel keeps at most 4 tiles of accumulators
+    gemm_rows<row_amx_bf16>(w, a, n0, n1, y, ldy);
+    return;
+  }
+  const int64_t n_tiles = w.n / 16;
+  for (int r0 = 0; r0 < a.m; r0 += kBf16Tokens) {
+    const int mt = int(imin64(kBf16Tokens, a.m - r0));
+    const uint16_t* xs = bf16_rows(a, r0, mt, w.k);
+    for (int64_t nt0 = n0 / 16; nt0 < n1 / 16; nt0 += w.n_block) {
+      const int tiles = int(imin64(w.n_block, n_tiles - nt0));
+      int t = 0;
+      for (; t + 4 <= mt; t += 4) amx_bf16_nblock<4>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+      for (; t < mt; ++t) amx_bf16_nblock<1>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+    }
+  }
 }
 
 template <template <int> class NB>
@@ -1025,8 +1034,7 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
     if (w.n_block > 4) {  // the kernels keep at most 4 tiles of accumulators
       const int64_t hi = imin64(n1, (nt0 + w.n_block) * 16);
       if (w.type == WType::amx_int8) gemm_rows<row_amx_int8>(w, a, nt0 * 16, hi, y, ldy);
-      else if (w.type == WType::amx_int4) gemm_rows<row_amx_int4>(w, a, nt0 * 16, hi, y, ldy);
-      else gemm_rows<row_amx_bf16>(w, a, nt0 * 16, hi, y, ldy);
+      else gemm_rows<row_amx_int4>(w, a, nt0 * 16, hi, y, ldy);
       continue;
     }
     const int tiles = int(imin64(w.n_block, n_tiles - nt0));
@@ -1239,12 +1247,6 @@ struct Int4NB {
     else amx_int4_nblock<MT, 32>(w, a, nt0, tiles, r0, y, ldy);
   }
 };
-template <int MT>
-struct Bf16NB {
-  static void run(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
-    amx_bf16_nblock<MT>(w, a, nt0, tiles, r0, y, ldy);
-  }
-};
 
 }  // namespace
 }  // namespace avx512
@@ -1270,7 +1272,7 @@ void fill_kernels_avx512(Kernels* k) {
   k->gemm[int(WType::ggml_f32)] = f32_rows_gemm;
   k->gemm[int(WType::amx_int8)] = amx_gemm<Int8NB>;
   k->gemm[int(WType::amx_int4)] = amx_gemm<Int4NB>;
-  k->gemm[int(WType::amx_bf16)] = amx_gemm<Bf16NB>;
+  k->gemm[int(WType::amx_bf16)] = amx_bf16_gemm;
   k->gemm[int(WType::ggml_q4_0)] = q32_gemm<WType::ggml_q4_0, 18>;
   k->gemm[int(WType::ggml_q4_1)] = q32_gemm<WType::ggml_q4_1, 20>;
   k->gemm[int(WType::ggml_q5_0)] = q32_gemm<WType::ggml_q5_0, 22>;
