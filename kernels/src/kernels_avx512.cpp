@@ -1025,7 +1025,9 @@ void amx_bf16_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
       if (mt >= 8) touch(w.data + nt0 * (w.k / 32) * 1024, tiles * (w.k / 32) * 1024);
       int t = 0;
       for (; t + 4 <= mt; t += 4) amx_bf16_nblock<4>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
-      for (; t < mt; ++t) amx_bf16_nblock<1>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+      if (mt - t == 3) amx_bf16_nblock<3>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);  // as in lanes_gemm
+      else if (mt - t == 2) amx_bf16_nblock<2>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+      else if (mt - t == 1) amx_bf16_nblock<1>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
     }
   }
 }
