@@ -5,7 +5,13 @@ size against the manifest (and, with `verify=True`, the checksums), and returns 
 
 - CPU shards (`cpu/*.bin`) are memory-mapped read-only (`np.memmap(mode="r")`, a shared file
   mapping): their pages belong to the page cache and are faulted in on first use, never copied
-  into private memory. How to check: read `RssAnon` and `RssFile` in `/proc/self/status` before
+  into private memory. The mappings ask for 2 MiB pages (MADV_HUGEPAGE): where the kernel reads a
+  shard into the page cache through them (Linux with large-folio file systems such as ext4), it uses
+  2 MiB folios mapped by single page-table entries, fewer TLB misses while decode streams the weights
+  (bench-Q4_K_M's shards so cached vs a copy in 4 KiB pages, 8 alternations: 31.3-33.0 vs 30.1-31.4
+  GB/s with the read-bandwidth probe; kt-run decode within the host's noise). Pages already cached in
+  small folios (a file just written, e.g.) stay as they are until the kernel drops them.
+  How to check: read `RssAnon` and `RssFile` in `/proc/self/status` before
   and after `load_pack` (and after a forward): `RssAnon` grows by the GPU-side tensors only, small
   next to the shard bytes; touched shard pages show up in `RssFile` (tests/test_runtime_forward.py
   measures this).
@@ -18,6 +24,7 @@ size against the manifest (and, with `verify=True`, the checksums), and returns 
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +53,17 @@ def _check_files(folder: Path, m: Manifest, checksums: bool) -> None:
         raise ManifestError(f"{folder}/{first}{more}")
 
 
+def _ask_huge_pages(m: np.memmap) -> None:
+    """MADV_HUGEPAGE on a shard mapping (see the module docstring); a no-op where the OS has no such advice."""
+    mm = getattr(m, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # transparent huge pages compiled out or disabled
+        pass
+
+
 class Pack:
     """The weights of a packed folder, as the model reads them (see the module docstring)."""
 
@@ -64,6 +82,7 @@ class Pack:
         for f in manifest.files:
             if f.kind == "cpu_shard":
                 self._maps[f.path] = np.memmap(folder / f.path, dtype=np.uint8, mode="r")
+                _ask_huge_pages(self._maps[f.path])
                 if self.engine == "native" and f.node is not None:
                     from .. import kernels  # each node's shard in its own memory (no-op on one node)
 

@@ -289,3 +289,30 @@ def test_kv_cache_memory_is_zeroed_aligned_and_writable(packs, dtype):
     cache.k_pe[-1, -1] = 2.0
     cache.reset()
     assert not cache.c_kv.any() and not cache.k_pe.any()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps to read VmFlags")
+def test_shard_mappings_ask_for_huge_pages(packs):
+    """Every CPU shard is mapped read-only and shared, with MADV_HUGEPAGE (smaps VmFlags `hg`): the page
+    cache may then hold it in 2 MiB folios mapped whole (runtime/weights.py)."""
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("this Python's mmap has no MADV_HUGEPAGE")
+    folder = packs("tiny-Q4_K_M.gguf", target="cpu", numa_nodes=2)
+    pack = load_pack(folder)
+    shards = {str((folder / p).resolve()) for p in pack._maps}
+    flags: dict[str, str] = {}
+    cur = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and "-" in parts[0] and parts[5] in shards:
+            cur = parts[5]
+        elif line.startswith("VmFlags:") and cur:
+            flags[cur] = line
+            cur = None
+    assert set(flags) == shards, "every shard should be mapped"
+    for path, f in flags.items():
+        words = f.split()[1:]
+        assert "hg" in words, (path, f)
+        assert "rd" in words and "sh" in words and "wr" not in words, (path, f)
