@@ -293,7 +293,7 @@ def test_kv_cache_memory_is_zeroed_aligned_and_writable(packs, dtype):
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps to read VmFlags")
 def test_shard_mappings_ask_for_huge_pages(packs):
-    """Every CPU shard is mapped read-only and shared, with MADV_HUGEPAGE (smaps VmFlags `hg`): the page
+    """Every CPU shard is mapped read-only and shared (VmFlags `rd`, `ms`), with MADV_HUGEPAGE (`hg`): the page
     cache may then hold it in 2 MiB folios mapped whole (runtime/weights.py)."""
     import mmap
 
@@ -315,4 +315,4 @@ def test_shard_mappings_ask_for_huge_pages(packs):
     for path, f in flags.items():
         words = f.split()[1:]
         assert "hg" in words, (path, f)
-        assert "rd" in words and "sh" in words and "wr" not in words, (path, f)
+        assert "rd" in words and "ms" in words and "wr" not in words, (path, f)  # ms: a shared mapping
