@@ -849,7 +849,8 @@ void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0,
     _mm512_store_ps(out, _mm512_add_ps(acc[t][0], acc[t][1]));
     const uint16_t* x = xs + t * K;
     for (int64_t b = k4; b < K; ++b)  // the last K % 4 columns, the same products
-      for (int i = 0; i < 16; ++i) out[i] += bf16_to_f32(rd16((i < 8 ? pa : pb) + (b * 8 + (i & 7)) * 2)) * bf16_to_f32(x[b]);
+      for (int i = 0; i < 16; ++i)
+        out[i] += bf16_to_f32(rd16((i < 8 ? pa : pb) + (b * 8 + (i & 7)) * 2)) * bf16_to_f32(x[b]);
     float* yr = y + (r0 + t) * ldy + g0;
     for (int i = 0; i < (lone ? 8 : 16); ++i) yr[i] = out[i];
   }
@@ -1025,9 +1026,12 @@ void amx_bf16_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
       if (mt >= 8) touch(w.data + nt0 * (w.k / 32) * 1024, tiles * (w.k / 32) * 1024);
       int t = 0;
       for (; t + 4 <= mt; t += 4) amx_bf16_nblock<4>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
-      if (mt - t == 3) amx_bf16_nblock<3>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);  // as in lanes_gemm
-      else if (mt - t == 2) amx_bf16_nblock<2>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
-      else if (mt - t == 1) amx_bf16_nblock<1>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+      if (mt - t == 3)
+        amx_bf16_nblock<3>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);  // as in lanes_gemm
+      else if (mt - t == 2)
+        amx_bf16_nblock<2>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+      else if (mt - t == 1)
+        amx_bf16_nblock<1>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
     }
   }
 }
@@ -1039,7 +1043,8 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
     if (w.n_block > 4) {  // the kernels keep at most 4 tiles of accumulators
       const int64_t hi = imin64(n1, (nt0 + w.n_block) * 16);
       if (w.type == WType::amx_int8) gemm_rows<row_amx_int8>(w, a, nt0 * 16, hi, y, ldy);
-      else gemm_rows<row_amx_int4>(w, a, nt0 * 16, hi, y, ldy);
+      else
+        gemm_rows<row_amx_int4>(w, a, nt0 * 16, hi, y, ldy);
       continue;
     }
     const int tiles = int(imin64(w.n_block, n_tiles - nt0));
@@ -1220,12 +1225,16 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 }
 
 // Prefill: a row group's weights (16 rows x K: 40-320 KiB for DeepSeek's K) stay in L2 while every
-// token block uses them; decode (and the last tokens) run the one-token kernel, which prefetches.
+// token block uses them (the last 1-3 tokens in one call); decode runs the one-token kernel, which
+// prefetches.
 template <WType T, int MT>
 void lanes_call(const WMat& w, const QAct& a, int64_t g, int r, float* y, int64_t ldy) {
-  if constexpr (T == WType::lanes_q4_k) lanes_q4k<MT>(w, a, g, r, y, ldy);
-  else if constexpr (T == WType::lanes_q6_k) lanes_q6k<MT>(w, a, g, r, y, ldy);
-  else lanes_q80<MT>(w, a, g, r, y, ldy);
+  if constexpr (T == WType::lanes_q4_k)
+    lanes_q4k<MT>(w, a, g, r, y, ldy);
+  else if constexpr (T == WType::lanes_q6_k)
+    lanes_q6k<MT>(w, a, g, r, y, ldy);
+  else
+    lanes_q80<MT>(w, a, g, r, y, ldy);
 }
 
 template <WType T>
@@ -1235,9 +1244,12 @@ void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, 
     for (; r + 4 <= a.m; r += 4) lanes_call<T, 4>(w, a, g, r, y, ldy);
     // the last 1-3 tokens in one call (one-token calls cost ~2x per token: an expert's 35 tokens took
     // 231 us against 219 for 36, Q4_K 512x2048)
-    if (a.m - r == 3) lanes_call<T, 3>(w, a, g, r, y, ldy);
-    else if (a.m - r == 2) lanes_call<T, 2>(w, a, g, r, y, ldy);
-    else if (a.m - r == 1) lanes_call<T, 1>(w, a, g, r, y, ldy);
+    if (a.m - r == 3)
+      lanes_call<T, 3>(w, a, g, r, y, ldy);
+    else if (a.m - r == 2)
+      lanes_call<T, 2>(w, a, g, r, y, ldy);
+    else if (a.m - r == 1)
+      lanes_call<T, 1>(w, a, g, r, y, ldy);
   }
 }
 
