@@ -75,7 +75,10 @@ def zeros_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype)
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # transparent huge pages compiled out or disabled: 4 KiB pages, same zeros
+        pass
     base = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping; unmapped with the last view
     off = (-base.data_ptr()) % HUGE_PAGE
     return base[off : off + nbytes].view(dtype).view(shape)
