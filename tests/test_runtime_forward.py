@@ -316,3 +316,27 @@ def test_shard_mappings_ask_for_huge_pages(packs):
         words = f.split()[1:]
         assert "hg" in words, (path, f)
         assert "rd" in words and "ms" in words and "wr" not in words, (path, f)  # ms: a shared mapping
+
+
+def test_kv_cache_memory_without_huge_pages(monkeypatch):
+    """A kernel that refuses MADV_HUGEPAGE (THP compiled out or disabled): the same zeroed, writable memory."""
+    import mmap
+    import types
+
+    from ktpack.runtime import model as model_mod
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("this Python's mmap has no MADV_HUGEPAGE: torch.zeros is used anyway")
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    fake = types.SimpleNamespace(
+        mmap=Refusing, MADV_HUGEPAGE=mmap.MADV_HUGEPAGE, MAP_PRIVATE=mmap.MAP_PRIVATE, MAP_ANONYMOUS=mmap.MAP_ANONYMOUS
+    )
+    monkeypatch.setattr(model_mod, "mmap", fake)
+    a = model_mod.zeros_huge((3, 1024, 1024), torch.float32)
+    assert a.shape == (3, 1024, 1024) and not a.any()
+    a[2, 1023, 1023] = 1.5
+    assert float(a.sum()) == 1.5
