@@ -348,6 +348,26 @@ inline __m128i k4_unpack_scales(const uint8_t* p) {
 // KTPACK_PREFETCH overrides it (bytes; 0 still issues the instructions, on lines already loaded).
 int kPrefetch = 4096;
 
+// Token rows 0..m-1 in blocks of 4, then the last 1-3 in one block: the GEMM kernels are templates on
+// their token count, and a one-token call costs ~2x per token of a 4-token one (an expert's 35 tokens,
+// Q4_K lanes 512x2048, one thread: 231 us in 4s and 1s, 213 with a 3-block; 36 tokens: 219).
+// call(Tokens<MT>{}, r) runs tokens r..r+MT-1.
+template <int N>
+struct Tokens {
+  static constexpr int n = N;
+};
+template <class F>
+inline void by_token_blocks(int m, F&& call) {
+  int r = 0;
+  for (; r + 4 <= m; r += 4) call(Tokens<4>{}, r);
+  if (m - r == 3)
+    call(Tokens<3>{}, r);
+  else if (m - r == 2)
+    call(Tokens<2>{}, r);
+  else if (m - r == 1)
+    call(Tokens<1>{}, r);
+}
+
 template <int MT, int BB, typename Unpack, typename Xload>
 void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float* y, int64_t ldy, Unpack unpack,
                   Xload xload) {
@@ -667,9 +687,7 @@ void q8_0_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, i
       gemm_rows<row_q8_0>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
       continue;
     }
-    int r = 0;
-    for (; r + 4 <= a.m; r += 4) q8_0_group<4>(w, a, g0, rg, r, y, ldy);
-    for (; r < a.m; ++r) q8_0_group<1>(w, a, g0, rg, r, y, ldy);
+    by_token_blocks(a.m, [&](auto mt, int r) { q8_0_group<decltype(mt)::n>(w, a, g0, rg, r, y, ldy); });
   }
 }
 
@@ -743,9 +761,7 @@ void q32_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
       gemm_rows<row_q32<T, BB>>(w, a, g0, imin64(g0 + w.rows, n1), y, ldy);
       continue;
     }
-    int r = 0;
-    for (; r + 4 <= a.m; r += 4) q32_group<T, BB, 4>(w, a, g0, rg, r, y, ldy);
-    for (; r < a.m; ++r) q32_group<T, BB, 1>(w, a, g0, rg, r, y, ldy);
+    by_token_blocks(a.m, [&](auto mt, int r) { q32_group<T, BB, decltype(mt)::n>(w, a, g0, rg, r, y, ldy); });
   }
 }
 
@@ -865,9 +881,7 @@ void bf16_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float*
       const uint16_t* xs = bf16_rows(a, r0, mt, K);
       for (int64_t g0 = n0; g0 < full; g0 += 16) {
         const bool lone = g0 + 16 > full;
-        int t = 0;
-        for (; t + 4 <= mt; t += 4) bf16_pair<4>(w, xs + t * K, g0, lone, r0 + t, y, ldy);
-        for (; t < mt; ++t) bf16_pair<1>(w, xs + t * K, g0, lone, r0 + t, y, ldy);
+        by_token_blocks(mt, [&](auto n, int t) { bf16_pair<decltype(n)::n>(w, xs + t * K, g0, lone, r0 + t, y, ldy); });
       }
     }
   }
@@ -1024,14 +1038,8 @@ void amx_bf16_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
       // the N-block (tiles x K bf16: 256 KiB at K = 2048) in at the streaming rate before its token
       // blocks reuse it from L2: bench-BF16 512-token prefill 1.17-1.20 -> 1.08-1.12 s (3 alternations)
       if (mt >= 8) touch(w.data + nt0 * (w.k / 32) * 1024, tiles * (w.k / 32) * 1024);
-      int t = 0;
-      for (; t + 4 <= mt; t += 4) amx_bf16_nblock<4>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
-      if (mt - t == 3)
-        amx_bf16_nblock<3>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);  // as in lanes_gemm
-      else if (mt - t == 2)
-        amx_bf16_nblock<2>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
-      else if (mt - t == 1)
-        amx_bf16_nblock<1>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy);
+      by_token_blocks(
+          mt, [&](auto n, int t) { amx_bf16_nblock<decltype(n)::n>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy); });
     }
   }
 }
@@ -1048,9 +1056,7 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
       continue;
     }
     const int tiles = int(imin64(w.n_block, n_tiles - nt0));
-    int r = 0;
-    for (; r + 4 <= a.m; r += 4) NB<4>::run(w, a, nt0, tiles, r, y, ldy);
-    for (; r < a.m; ++r) NB<1>::run(w, a, nt0, tiles, r, y, ldy);
+    by_token_blocks(a.m, [&](auto mt, int r) { NB<decltype(mt)::n>::run(w, a, nt0, tiles, r, y, ldy); });
   }
 }
 
@@ -1225,8 +1231,7 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 }
 
 // Prefill: a row group's weights (16 rows x K: 40-320 KiB for DeepSeek's K) stay in L2 while every
-// token block uses them (the last 1-3 tokens in one call); decode runs the one-token kernel, which
-// prefetches.
+// token block uses them; decode runs the one-token kernel, which prefetches.
 template <WType T, int MT>
 void lanes_call(const WMat& w, const QAct& a, int64_t g, int r, float* y, int64_t ldy) {
   if constexpr (T == WType::lanes_q4_k)
@@ -1239,18 +1244,8 @@ void lanes_call(const WMat& w, const QAct& a, int64_t g, int r, float* y, int64_
 
 template <WType T>
 void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t g = n0 / 16; g < n1 / 16; ++g) {
-    int r = 0;
-    for (; r + 4 <= a.m; r += 4) lanes_call<T, 4>(w, a, g, r, y, ldy);
-    // the last 1-3 tokens in one call (one-token calls cost ~2x per token: an expert's 35 tokens took
-    // 231 us against 219 for 36, Q4_K 512x2048)
-    if (a.m - r == 3)
-      lanes_call<T, 3>(w, a, g, r, y, ldy);
-    else if (a.m - r == 2)
-      lanes_call<T, 2>(w, a, g, r, y, ldy);
-    else if (a.m - r == 1)
-      lanes_call<T, 1>(w, a, g, r, y, ldy);
-  }
+  for (int64_t g = n0 / 16; g < n1 / 16; ++g)
+    by_token_blocks(a.m, [&](auto mt, int r) { lanes_call<T, decltype(mt)::n>(w, a, g, r, y, ldy); });
 }
 
 template <int MT>
