@@ -37,7 +37,7 @@ from ..layouts.config import ModelConfig
 from .cpu_ops import CpuLinear, stacked_as_one
 from .moe import MoE, Router, Routing
 from .rope import RopeTable, softmax_scale
-from .weights import Pack
+from .weights import Pack, ask_huge_pages
 
 Weight = CpuLinear | torch.Tensor
 
@@ -75,10 +75,7 @@ def zeros_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype)
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # transparent huge pages compiled out or disabled: 4 KiB pages, same zeros
-        pass
+    ask_huge_pages(m)  # refused: 4 KiB pages, the same zeros
     base = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping; unmapped with the last view
     off = (-base.data_ptr()) % HUGE_PAGE
     return base[off : off + nbytes].view(dtype).view(shape)

@@ -53,14 +53,14 @@ def _check_files(folder: Path, m: Manifest, checksums: bool) -> None:
         raise ManifestError(f"{folder}/{first}{more}")
 
 
-def _ask_huge_pages(m: np.memmap) -> None:
-    """MADV_HUGEPAGE on a shard mapping (see the module docstring); a no-op where the OS has no such advice."""
-    mm = getattr(m, "_mmap", None)
+def ask_huge_pages(mm: mmap.mmap | None) -> None:
+    """MADV_HUGEPAGE on a mapping (the shards here, the KV cache in model.py); a no-op where the OS has no
+    such advice or refuses it (transparent huge pages compiled out or disabled)."""
     if mm is None or not hasattr(mmap, "MADV_HUGEPAGE"):
         return
     try:
         mm.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # transparent huge pages compiled out or disabled
+    except OSError:
         pass
 
 
@@ -82,7 +82,7 @@ class Pack:
         for f in manifest.files:
             if f.kind == "cpu_shard":
                 self._maps[f.path] = np.memmap(folder / f.path, dtype=np.uint8, mode="r")
-                _ask_huge_pages(self._maps[f.path])
+                ask_huge_pages(getattr(self._maps[f.path], "_mmap", None))
                 if self.engine == "native" and f.node is not None:
                     from .. import kernels  # each node's shard in its own memory (no-op on one node)
 
