@@ -98,7 +98,8 @@ def _stats_out(gen: Generation, path: Path | None) -> None:
     default="f32",
     show_default=True,
     help="CPU runs: KV cache element type. f16 (llama.cpp's default) halves the cache and the bytes each "
-    "decode step's attention reads; needs F16C.",
+    "decode step's attention reads; needs F16C. bf16 halves them too, and on AVX-512 BF16 CPUs its queries and "
+    "probabilities are rounded to bf16 for vdpbf16ps (twice the f32 products per instruction).",
 )
 @click.option(
     "--gpu-mem",

@@ -25,6 +25,8 @@ from .moe import MoE, Routing
 
 _METHODS = {"noaux_tc": 0, "group_limited_greedy": 1, "greedy": 2}
 _SCORING = {"sigmoid": 0, "softmax": 1}
+# the cache element types the native step reads, by the name its configuration takes
+_KV_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 ENV = "KTPACK_NATIVE_DECODE"  # 0: decode through the torch model
 
 
@@ -116,8 +118,13 @@ class NativeDecode:
             "routed_scale": float(r0.scale) if r0 else 1.0,
         }
         self._cos, self._sin = _f32(cache.rope.cos), _f32(cache.rope.sin)
-        # the cache tensors themselves (the torch prefill writes them, the step reads and extends them)
-        c_kv, k_pe = cache.c_kv.numpy(), cache.k_pe.numpy()
+        # the cache tensors themselves (the torch prefill writes them, the step reads and extends them);
+        # numpy has no bfloat16: a bf16 cache goes as its bits (int16 views of the same memory)
+        conf["kv_cache"] = _KV_NAMES[cache.c_kv.dtype]
+        if cache.c_kv.dtype == torch.bfloat16:
+            c_kv, k_pe = cache.c_kv.view(torch.int16).numpy(), cache.k_pe.view(torch.int16).numpy()
+        else:
+            c_kv, k_pe = cache.c_kv.numpy(), cache.k_pe.numpy()
         kernels.ensure_engine()
         self._op = kernels._native.Decode(
             conf, layers, _f32(model.norm), _lin(model.head), c_kv, k_pe, self._cos, self._sin
@@ -172,7 +179,7 @@ def build(model: DeepseekV3Model, cache: KVCache) -> NativeDecode | None:
     """The native decode step for this CPU model and cache, or None where it does not apply."""
     if os.environ.get(ENV, "1") == "0":
         return None
-    if model.device.type != "cpu" or cache.c_kv.dtype not in (torch.float32, torch.float16):
+    if model.device.type != "cpu" or cache.c_kv.dtype not in _KV_NAMES:
         return None
     if cache.k_pe.dtype != cache.c_kv.dtype or not model.rope_interleaved:
         return None

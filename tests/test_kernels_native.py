@@ -166,6 +166,58 @@ def test_quantize_is_the_reference_definition(isa, use_isa):
         assert np.array_equal(s, q.reshape(7, -1, 16).astype(np.int32).sum(-1))
 
 
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """bf16 bits of x (round to nearest even, as torch)."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+
+
+def _widen_bf16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.int32).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("kv", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("heads,D,R,t0,t1", [(9, 512, 64, 3, 36), (8, 512, 64, 0, 37), (5, 48, 16, 1, 10)])
+def test_decode_attention_kernels(isa, kv, heads, D, R, t0, t1, use_isa):
+    """The decode attention kernels (scores over the latent cache and the latent sums) against float64 sums of
+    the arithmetic they define: an f32 cache with f32 queries; an f16 cache widened exactly with f32 queries;
+    a bf16 cache widened exactly with the queries and the weights p rounded to bf16 (vdpbf16ps's operands;
+    their products are exact in f32). Bound: f32 summation, (terms + 16) 2^-24 sum |products|. Shapes: the
+    AVX-512 blocks (D % 64 == 0) with a head count that leaves a remainder, an odd first row and an odd row
+    count (the bf16 row pairs), and a shape only the generic loops take."""
+    use_isa(isa)
+    rng = np.random.default_rng(heads * 1000 + D)
+    n = 40
+    q = rng.standard_normal((heads, D)).astype(np.float32)
+    qr = rng.standard_normal((heads, R)).astype(np.float32)
+    c = rng.standard_normal((n, D)).astype(np.float32)
+    kr = rng.standard_normal((n, R)).astype(np.float32)
+    p = rng.uniform(0, 1, (heads, n)).astype(np.float32)
+    if kv == "f32":
+        cs, ks = c, kr
+        c64, k64, q64, qr64, p64 = (a.astype(np.float64) for a in (c, kr, q, qr, p))
+    elif kv == "f16":
+        cs, ks = c.astype(np.float16), kr.astype(np.float16)
+        c64, k64, q64, qr64, p64 = (a.astype(np.float64) for a in (cs, ks, q, qr, p))
+    else:
+        cs, ks = _bf16(c), _bf16(kr)
+        c64, k64 = _widen_bf16(cs), _widen_bf16(ks)
+        q64, qr64, p64 = (_widen_bf16(_bf16(a)) for a in (q, qr, p))
+    scale = 0.125
+    s, out = _native.attention(kv, q, qr, cs, ks, scale, t0, t1, p)
+    rows = slice(t0, t1)
+    want = (q64 @ c64[rows].T + qr64 @ k64[rows].T) * scale
+    bound = (D + R + 16) * 2.0**-24 * (np.abs(q64) @ np.abs(c64[rows]).T + np.abs(qr64) @ np.abs(k64[rows]).T) * scale
+    assert (np.abs(s[:, rows] - want) <= bound).all()
+    assert not s[:, :t0].any() and not s[:, t1:].any()
+    want_v = p64[:, rows] @ c64[rows]
+    bound_v = (t1 - t0 + 16) * 2.0**-24 * (np.abs(p64[:, rows]) @ np.abs(c64[rows]))
+    assert (np.abs(out - want_v) <= bound_v).all()
+    if kv == "bf16":  # and the rounding is really there: unrounded queries give other scores
+        exact = (q.astype(np.float64) @ c64[rows].T + qr.astype(np.float64) @ k64[rows].T) * scale
+        assert np.abs(s[:, rows] - exact).max() > bound.max()
+
+
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_stacked_linear_is_per_matrix(isa, use_isa):
     """A 3-D weight (attn_k_b / attn_v_b): x[T, M, K] -> y[T, M, N], matrix m for slot m."""

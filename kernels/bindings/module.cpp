@@ -155,9 +155,10 @@ struct PyDecode {
     keep.push_back(a);
     return p;
   }
-  void* half_ptr(py::array a, int64_t want, const char* what) {  // a writable C-contiguous float16 array
-    if (!(a.flags() & py::array::c_style) || a.dtype().kind() != 'f' || a.itemsize() != 2)
-      throw py::value_error(std::string(what) + " must be a C-contiguous float16 (or float32) array");
+  // a writable C-contiguous array of 16-bit values (float16, or a bf16 cache's bits as int16 / uint16)
+  void* half_ptr(py::array a, int64_t want, const char* what) {
+    if (!(a.flags() & py::array::c_style) || a.itemsize() != 2)
+      throw py::value_error(std::string(what) + " must be a C-contiguous 16-bit (or float32) array");
     if (a.size() != want)
       throw py::value_error(std::string(what) + " has " + std::to_string(a.size()) + " values, expected " +
                             std::to_string(want));
@@ -206,11 +207,22 @@ struct PyDecode {
       ls.push_back(l);
     }
     const float* on = farr(out_norm, c.hidden, "output_norm");
-    // the cache: float32 arrays, or float16 ones (an f16 cache)
+    // the cache: float32 arrays, float16 ones (an f16 cache), or a bf16 cache's bits (cfg "kv_cache": "bf16")
     py::array ca = c_kv.cast<py::array>(), ka = k_pe.cast<py::array>();
-    const bool f16 = ca.dtype().kind() == 'f' && ca.itemsize() == 2;
+    const std::string kvs = cfg.contains("kv_cache") ? cfg["kv_cache"].cast<std::string>() : "f32";
+    ktpack::KvType kv;
+    if (kvs == "f32")
+      kv = ktpack::KvType::f32;
+    else if (kvs == "f16")
+      kv = ktpack::KvType::f16;
+    else if (kvs == "bf16")
+      kv = ktpack::KvType::bf16;
+    else
+      throw py::value_error("kv_cache must be f32, f16 or bf16, got " + kvs);
+    if ((kv == ktpack::KvType::f32) != (ca.itemsize() == 4) || ka.itemsize() != ca.itemsize())
+      throw py::value_error("the cache arrays' element size does not match kv_cache " + kvs);
     void *ck, *kp;
-    if (f16) {
+    if (kv != ktpack::KvType::f32) {
       ck = half_ptr(ca, c.layers * c.ctx * c.kv_lora, "c_kv cache");
       kp = half_ptr(ka, c.layers * c.ctx * c.rope, "k_pe cache");
     } else {
@@ -220,7 +232,7 @@ struct PyDecode {
     const float* cs = farr(cos, c.ctx * (c.rope / 2), "rope cos");
     const float* sn = farr(sin, c.ctx * (c.rope / 2), "rope sin");
     try {
-      op = std::make_unique<ktpack::DecodeStep>(c, std::move(ls), on, lin(head), ck, kp, f16, cs, sn);
+      op = std::make_unique<ktpack::DecodeStep>(c, std::move(ls), on, lin(head), ck, kp, kv, cs, sn);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }
@@ -320,6 +332,48 @@ PYBIND11_MODULE(_native, m) {
       },
       "Use this ISA's kernels from now on (checked against the CPU first).");
   m.def("selected_isa", [] { return std::string(ktpack::kernels().name); });
+  m.def(
+      "attention",
+      [](const std::string& kv, py::array q, py::array qr, py::array c, py::array kr, float scale, int64_t t0,
+         int64_t t1, py::array p) {
+        // The decode attention kernels alone (tests): q [H][D], qr [H][R] f32; the cache rows c [n][D],
+        // kr [n][R] (f32, or 16-bit values: f16, or bf16 bits); p [H][n] f32 weights. Returns the scores
+        // s [H][n] of rows t0..t1-1 (others 0) and the latent sums out [H][D] = sum_{t0<=t<t1} p[h][t] c[t].
+        const ktpack::Kernels& k = ktpack::kernels();
+        if (q.ndim() != 2 || qr.ndim() != 2 || c.ndim() != 2 || kr.ndim() != 2 || p.ndim() != 2)
+          throw py::value_error("attention: 2-d arrays expected");
+        const int64_t H = q.shape(0), D = q.shape(1), R = qr.shape(1), n = c.shape(0);
+        if (qr.shape(0) != H || c.shape(1) != D || kr.shape(0) != n || kr.shape(1) != R || p.shape(0) != H ||
+            p.shape(1) != n || t0 < 0 || t1 > n || t0 > t1)
+          throw py::value_error("attention: inconsistent shapes or rows");
+        const float* qp = f32_ptr(q, H * D, "q", false);
+        const float* qrp = f32_ptr(qr, H * R, "qr", false);
+        const float* pp = f32_ptr(p, H * n, "p", false);
+        py::array_t<float> s({H, n}), out({H, D});
+        std::fill(s.mutable_data(), s.mutable_data() + H * n, 0.f);
+        std::fill(out.mutable_data(), out.mutable_data() + H * D, 0.f);
+        if (kv == "f32") {
+          const float* cp = f32_ptr(c, n * D, "c", false);
+          const float* kp = f32_ptr(kr, n * R, "kr", false);
+          k.attn_scores(qp, D, qrp, R, H, cp, D, kp, R, t0, t1, scale, s.mutable_data(), n);
+          k.attn_values(pp, n, H, cp, D, t0, t1, out.mutable_data());
+        } else if (kv == "f16" || kv == "bf16") {
+          if (c.itemsize() != 2 || kr.itemsize() != 2 || !(c.flags() & py::array::c_style) ||
+              !(kr.flags() & py::array::c_style))
+            throw py::value_error("attention: a 16-bit cache takes C-contiguous 16-bit arrays");
+          const auto* cp = static_cast<const uint16_t*>(c.data());
+          const auto* kp = static_cast<const uint16_t*>(kr.data());
+          auto sc = kv == "f16" ? k.attn_scores16 : k.attn_scores_bf16;
+          auto va = kv == "f16" ? k.attn_values16 : k.attn_values_bf16;
+          sc(qp, D, qrp, R, H, cp, D, kp, R, t0, t1, scale, s.mutable_data(), n);
+          va(pp, n, H, cp, D, t0, t1, out.mutable_data());
+        } else {
+          throw py::value_error("attention: kv must be f32, f16 or bf16");
+        }
+        return py::make_tuple(s, out);
+      },
+      py::arg("kv"), py::arg("q"), py::arg("qr"), py::arg("c"), py::arg("kr"), py::arg("scale"), py::arg("t0"),
+      py::arg("t1"), py::arg("p"));
   m.def(
       "set_threads", [](int threads, int nodes) { ktpack::set_pool(threads, nodes); }, py::arg("threads") = 0,
       py::arg("nodes") = 1, "Recreate the thread pool (threads <= 0: KTPACK_THREADS or the usable cores).");

@@ -50,13 +50,15 @@ struct DecodeLayer {
   ExpertsOp* shared = nullptr;  // or null
 };
 
+enum class KvType { f32, f16, bf16 };
+
 class DecodeStep {
  public:
-  // c_kv [layers][ctx][kv_lora] and k_pe [layers][ctx][rope] are the runtime's cache (written here): f32, or
-  // with `f16` IEEE half values (rows written rounded to nearest even, as torch's .to(float16); needs F16C);
-  // cos/sin [ctx][rope/2] the RoPE table (attention factor included).
+  // c_kv [layers][ctx][kv_lora] and k_pe [layers][ctx][rope] are the runtime's cache (written here), of
+  // element type `kv`: f32, IEEE half (f16; needs F16C) or bf16, rows written rounded to nearest even as
+  // torch's .to(float16 / bfloat16); cos/sin [ctx][rope/2] the RoPE table (attention factor included).
   DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers, const float* out_norm, LinearOp* head,
-             void* c_kv, void* k_pe, bool f16, const float* cos, const float* sin);
+             void* c_kv, void* k_pe, KvType kv, const float* cos, const float* sin);
   // x: the token's embedding [hidden] (not modified); logits: [vocab].
   void forward(const float* x, int64_t pos, float* logits);
   // The same step from a token id: its row of `embed` (a ggml_rows_v1 matrix [vocab][hidden], set with
@@ -82,9 +84,10 @@ class DecodeStep {
   LinearOp* head_;
   LinearOp* embed_ = nullptr;
   std::vector<float> emb_;
+  KvType kvt_;
   float *c_kv_ = nullptr, *k_pe_ = nullptr;  // an f32 cache
-  uint16_t *c16_ = nullptr, *k16_ = nullptr;  // or an f16 one
-  std::vector<float> crow_;  // the new cache row in f32 before it is rounded to f16
+  uint16_t *c16_ = nullptr, *k16_ = nullptr;  // or an f16 / bf16 one
+  std::vector<float> crow_;                   // the new cache row in f32 before it is rounded to f16 / bf16
   const float *cos_, *sin_;
   // buffers
   std::vector<float> part_;  // per-chunk partial latent sums [2 * threads][H][kv_lora]

@@ -90,6 +90,8 @@ using SiluMulFn = void (*)(const float* g, const float* u, float* h, int64_t n);
 
 // f32 dot product for the decode step's router (fixed summation order per ISA).
 using DotFn = float (*)(const float* a, const float* b, int64_t n);
+// y[i] += a * x[i] for i < n (the decode attention's combine of its chunks' partial sums).
+using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);
 // s[i] = exp(s[i] - shift) for i < n; returns the sum (softmax's denominator).
 using ExpSumFn = float (*)(float* s, int64_t n, float shift);
 
@@ -107,6 +109,9 @@ using AttnScores16Fn = void (*)(const float* q, int64_t ldq, const float* qr, in
                                 float scale, float* s, int64_t lds);
 using AttnValues16Fn = void (*)(const float* p, int64_t ldp, int64_t H, const uint16_t* c, int64_t D, int64_t t0,
                                 int64_t t1, float* out);
+// And over a bf16 cache (the values' bf16 bits), with q, qr and p rounded to bf16 (nearest even) first, so
+// every product is exact in f32: the arithmetic of vdpbf16ps, which does twice the f32 FMA's products per
+// instruction and reads half the f32 cache's bytes. Same function types as the f16 ones.
 
 // Row n of a ggml_rows_v1 matrix as f32 (out[0, k)), the values gguf-py's dequantizer gives, bit for bit;
 // false for a type it does not take (the lanes and amx layouts: no embedding is stored in them).
@@ -122,11 +127,14 @@ struct Kernels {
   QuantFn quantize;
   SiluMulFn silu_mul;
   DotFn dot;
+  AxpyFn axpy;
   ExpSumFn exp_sum;
   AttnScoresFn attn_scores;
   AttnValuesFn attn_values;
   AttnScores16Fn attn_scores16;
   AttnValues16Fn attn_values16;
+  AttnScores16Fn attn_scores_bf16;
+  AttnValues16Fn attn_values_bf16;
   DequantRowFn dequant_row;
 };
 

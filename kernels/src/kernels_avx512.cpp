@@ -146,6 +146,38 @@ void axpy_v(float a, const float* x, float* y, int64_t n) {
 inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 ld16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
+// The 16 sums of acc[4][4] (head h, row j -> s[h * lds + t + j], times scale) in one transpose-and-add
+// tree (lane i = acc[i / 4][i % 4]): 45 shuffles and adds instead of 16 horizontal reductions of ~9 each.
+inline void store_sums_4x4(const __m512 (&acc)[4][4], float scale, float* s, int64_t lds, int64_t t) {
+  __m512 u[4];
+  for (int h = 0; h < 4; ++h) {
+    const __m512 s01 =
+        _mm512_add_ps(_mm512_unpacklo_ps(acc[h][0], acc[h][1]), _mm512_unpackhi_ps(acc[h][0], acc[h][1]));
+    const __m512 s23 =
+        _mm512_add_ps(_mm512_unpacklo_ps(acc[h][2], acc[h][3]), _mm512_unpackhi_ps(acc[h][2], acc[h][3]));
+    const __m512d a = _mm512_castps_pd(s01), b = _mm512_castps_pd(s23);
+    u[h] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  const __m512 r = _mm512_mul_ps(_mm512_add_ps(_mm512_shuffle_f32x4(v, w, 0x88), _mm512_shuffle_f32x4(v, w, 0xDD)),
+                                 _mm512_set1_ps(scale));
+  _mm_storeu_ps(s + t, _mm512_extractf32x4_ps(r, 0));
+  _mm_storeu_ps(s + lds + t, _mm512_extractf32x4_ps(r, 1));
+  _mm_storeu_ps(s + 2 * lds + t, _mm512_extractf32x4_ps(r, 2));
+  _mm_storeu_ps(s + 3 * lds + t, _mm512_extractf32x4_ps(r, 3));
+}
+
+template <int NH, int NT>
+inline void store_sums(const __m512 (&acc)[NH][NT], float scale, float* s, int64_t lds, int64_t t) {
+  if constexpr (NH == 4 && NT == 4) {
+    store_sums_4x4(acc, scale, s, lds, t);
+  } else {
+    for (int h = 0; h < NH; ++h)
+      for (int j = 0; j < NT; ++j) s[h * lds + t + j] = _mm512_reduce_add_ps(acc[h][j]) * scale;
+  }
+}
+
 template <int NH, int NT, typename CT>
 void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, const CT* c, int64_t D,
                   const CT* kr, int64_t R, int64_t t, float scale, float* s, int64_t lds) {
@@ -168,28 +200,7 @@ void scores_block(const float* q, int64_t ldq, const float* qr, int64_t ldqr, co
       for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_fmadd_ps(qv, cv[j], acc[h][j]);
     }
   }
-  if constexpr (NH == 4 && NT == 4) {
-    // the 16 sums in one transpose-and-add tree (lane i = acc[i / 4][i % 4]): 45 shuffles and adds
-    // instead of 16 separate horizontal reductions of ~9 each
-    __m512 u[4];
-    for (int h = 0; h < 4; ++h) {
-      const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[h][0], acc[h][1]), _mm512_unpackhi_ps(acc[h][0], acc[h][1]));
-      const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[h][2], acc[h][3]), _mm512_unpackhi_ps(acc[h][2], acc[h][3]));
-      const __m512d a = _mm512_castps_pd(s01), b = _mm512_castps_pd(s23);
-      u[h] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    const __m512 r = _mm512_mul_ps(
-        _mm512_add_ps(_mm512_shuffle_f32x4(v, w, 0x88), _mm512_shuffle_f32x4(v, w, 0xDD)), _mm512_set1_ps(scale));
-    _mm_storeu_ps(s + t, _mm512_extractf32x4_ps(r, 0));
-    _mm_storeu_ps(s + lds + t, _mm512_extractf32x4_ps(r, 1));
-    _mm_storeu_ps(s + 2 * lds + t, _mm512_extractf32x4_ps(r, 2));
-    _mm_storeu_ps(s + 3 * lds + t, _mm512_extractf32x4_ps(r, 3));
-  } else {
-    for (int h = 0; h < NH; ++h)
-      for (int j = 0; j < NT; ++j) s[h * lds + t + j] = _mm512_reduce_add_ps(acc[h][j]) * scale;
-  }
+  store_sums<NH, NT>(acc, scale, s, lds, t);
 }
 
 // Reads `bytes` from p (rounded down to 256) with independent loads, so a block a kernel then walks in a
@@ -835,6 +846,126 @@ inline __m512i bcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// ---- decode attention over a bf16 cache, with vdpbf16ps ----
+// Scores: the queries [H][D + R] rounded to bf16 once per call; then, as scores_block, NH heads x NT rows
+// share each loaded vector, 32 products per instruction instead of 16.
+template <int NH, int NT>
+void scores_block_bf16(const uint16_t* q, int64_t ldq, const uint16_t* c, int64_t D, const uint16_t* kr, int64_t R,
+                       int64_t t, float scale, float* s, int64_t lds) {
+  __m512 acc[NH][NT];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NT; ++j) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512i cv[NT];
+    for (int j = 0; j < NT; ++j) cv[j] = _mm512_loadu_si512(c + (t + j) * D + d);
+    for (int h = 0; h < NH; ++h) {
+      const __m512i qv = _mm512_loadu_si512(q + h * ldq + d);
+      for (int j = 0; j < NT; ++j) acc[h][j] = dp_bf16(acc[h][j], cv[j], qv);
+    }
+  }
+  for (int64_t d = 0; d < R; d += 32) {
+    __m512i cv[NT];
+    for (int j = 0; j < NT; ++j) cv[j] = _mm512_loadu_si512(kr + (t + j) * R + d);
+    for (int h = 0; h < NH; ++h) {
+      const __m512i qv = _mm512_loadu_si512(q + h * ldq + D + d);
+      for (int j = 0; j < NT; ++j) acc[h][j] = dp_bf16(acc[h][j], cv[j], qv);
+    }
+  }
+  store_sums<NH, NT>(acc, scale, s, lds, t);
+}
+
+void attn_scores_bf16_v(const float* q, int64_t ldq, const float* qr, int64_t ldqr, int64_t H, const uint16_t* c,
+                        int64_t D, const uint16_t* kr, int64_t R, int64_t t0, int64_t t1, float scale, float* s,
+                        int64_t lds) {
+  if (D % 32 || R % 32) {
+    attn_scores_bf16_generic(q, ldq, qr, ldqr, H, c, D, kr, R, t0, t1, scale, s, lds);
+    return;
+  }
+  const int64_t ld = D + R;
+  uint16_t* qs = reinterpret_cast<uint16_t*>(x_scratch(H * ld * 2));
+  for (int64_t h = 0; h < H; ++h) {
+    to_bf16(q + h * ldq, D, qs + h * ld);
+    to_bf16(qr + h * ldqr, R, qs + h * ld + D);
+  }
+  for (int64_t tb = t0; tb < t1; tb += 128) {  // blocks of rows read while in L2, as attn_scores_v
+    const int64_t te = imin64(t1, tb + 128);
+    touch(c + tb * D, (te - tb) * D * 2);
+    touch(kr + tb * R, (te - tb) * R * 2);
+    int64_t h = 0;
+    for (; h + 4 <= H; h += 4) {
+      int64_t t = tb;
+      for (; t + 4 <= te; t += 4) scores_block_bf16<4, 4>(qs + h * ld, ld, c, D, kr, R, t, scale, s + h * lds, lds);
+      for (; t < te; ++t) scores_block_bf16<4, 1>(qs + h * ld, ld, c, D, kr, R, t, scale, s + h * lds, lds);
+    }
+    for (; h < H; ++h)
+      for (int64_t t = tb; t < te; ++t)
+        scores_block_bf16<1, 1>(qs + h * ld, ld, c, D, kr, R, t, scale, s + h * lds, lds);
+  }
+}
+
+// Values: vdpbf16ps sums over pairs of rows, so the rows' pairs are interleaved first, once per call, into
+// z[k][i] = (c[t0 + 2k][i], c[t0 + 2k + 1][i]) (an odd last row pairs with zeros), with the probabilities
+// as bf16 pairs pb[h][k] = (p[h][t0 + 2k], p[h][t0 + 2k + 1]); then NH heads x 64 values of the sum stay in
+// registers over the pairs, 32 products per instruction.
+template <int NH>
+void values_block_bf16(const uint32_t* pb, int64_t np, const uint16_t* z, int64_t D, int64_t d, float* out) {
+  __m512 acc[NH][4];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < 4; ++j) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < np; ++k) {
+    const uint16_t* zk = z + (k * D + d) * 2;
+    const __m512i z0 = _mm512_loadu_si512(zk), z1 = _mm512_loadu_si512(zk + 32), z2 = _mm512_loadu_si512(zk + 64),
+                  z3 = _mm512_loadu_si512(zk + 96);
+    for (int h = 0; h < NH; ++h) {
+      const __m512i pv = _mm512_set1_epi32(int32_t(pb[h * np + k]));
+      acc[h][0] = dp_bf16(acc[h][0], z0, pv);
+      acc[h][1] = dp_bf16(acc[h][1], z1, pv);
+      acc[h][2] = dp_bf16(acc[h][2], z2, pv);
+      acc[h][3] = dp_bf16(acc[h][3], z3, pv);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < 4; ++j) {
+      float* o = out + h * D + d + 16 * j;
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[h][j]));
+    }
+}
+
+void attn_values_bf16_v(const float* p, int64_t ldp, int64_t H, const uint16_t* c, int64_t D, int64_t t0, int64_t t1,
+                        float* out) {
+  if (D % 64) {
+    attn_values_bf16_generic(p, ldp, H, c, D, t0, t1, out);
+    return;
+  }
+  const int64_t n = t1 - t0, np = (n + 1) / 2;
+  uint16_t* z = reinterpret_cast<uint16_t*>(x_scratch((np * D * 2 + H * np * 2) * 2));
+  uint32_t* pb = reinterpret_cast<uint32_t*>(z + np * D * 2);
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t k = 0; k < np; ++k) {
+    const uint16_t* a = c + (t0 + 2 * k) * D;
+    const bool pair = t0 + 2 * k + 1 < t1;
+    for (int64_t i = 0; i < D; i += 32) {
+      const __m512i va = _mm512_loadu_si512(a + i);
+      const __m512i vb = pair ? _mm512_loadu_si512(a + D + i) : _mm512_setzero_si512();
+      _mm512_storeu_si512(z + (k * D + i) * 2, _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_storeu_si512(z + (k * D + i) * 2 + 32, _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t k = 0; k < np; ++k) {
+      const float* ph = p + h * ldp + t0 + 2 * k;
+      const uint32_t b = t0 + 2 * k + 1 < t1 ? f32_to_bf16_rne(ph[1]) : 0u;
+      pb[h * np + k] = uint32_t(f32_to_bf16_rne(ph[0])) | (b << 16);
+    }
+  for (int64_t d = 0; d < D; d += 64) {
+    int64_t h = 0;
+    for (; h + 4 <= H; h += 4) values_block_bf16<4>(pb + h * np, np, z, D, d, out + h * D);
+    for (; h < H; ++h) values_block_bf16<1>(pb + h * np, np, z, D, d, out + h * D);
+  }
+}
+
 // Rows g0..g0+15 (group B = g0 + 8; `lone`: only group A, its lanes 8-15 unused) x tokens r0..r0+MT-1;
 // the bf16 row of token t at xs + (t - r0) * K.
 template <int MT>
@@ -1274,10 +1405,13 @@ void fill_kernels_avx512(Kernels* k) {
   k->silu_mul = silu_mul_v;
   k->exp_sum = exp_sum_v;
   k->dot = dot_v;
+  k->axpy = axpy_v;
   k->attn_scores = attn_scores_v<float>;
   k->attn_values = attn_values_v<float>;
   k->attn_scores16 = attn_scores_v<uint16_t>;
   k->attn_values16 = attn_values_v<uint16_t>;
+  k->attn_scores_bf16 = attn_scores_bf16_v;
+  k->attn_values_bf16 = attn_values_bf16_v;
   k->read = read_zmm;
   k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;
