@@ -33,7 +33,7 @@ from ..engine import KV_CACHE_TYPES, EngineError
     type=click.Choice(list(KV_CACHE_TYPES)),
     default="f32",
     show_default=True,
-    help="CPU runs: KV cache element type (f16 halves it; needs F16C).",
+    help="CPU runs: KV cache element type (f16 or bf16 halve it; f16 needs F16C; see kt-run --help).",
 )
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 def main(packed: Path, host: str, port: int, model_name: str | None, api_key: str | None, max_queue: int,
