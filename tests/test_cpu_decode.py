@@ -53,6 +53,16 @@ def _setup(folder, prompt: torch.Tensor, dtype: torch.dtype = torch.float32):
     return model, cache, step
 
 
+def _with_ref_cache(folder, prompt: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """_setup, plus a copy of the prompt's cache for the torch model to extend alongside the native step."""
+    model, cache, step = _setup(folder, prompt, dtype)
+    assert cache.c_kv.dtype == dtype
+    ref_cache = KVCache(model.config, CTX, dtype=dtype)
+    ref_cache.c_kv.copy_(cache.c_kv)
+    ref_cache.k_pe.copy_(cache.k_pe)
+    return model, cache, step, ref_cache
+
+
 def _torch_step(model, cache, tok: int, pos: int) -> torch.Tensor:
     return model.forward(torch.tensor([tok]), pos, cache)[-1]
 
@@ -62,10 +72,7 @@ def _torch_step(model, cache, tok: int, pos: int) -> torch.Tensor:
 def test_float_pack_decode_equals_torch(isa, src, isa_env, packs):
     isa_env(isa)
     prompt, toks = _ids(24, 1), _ids(32, 2)
-    model, cache, step = _setup(packs(src, target="cpu"), prompt)
-    ref_cache = KVCache(model.config, CTX)
-    ref_cache.c_kv.copy_(cache.c_kv)
-    ref_cache.k_pe.copy_(cache.k_pe)
+    model, cache, step, ref_cache = _with_ref_cache(packs(src, target="cpu"), prompt)
     worst = 0.0
     for i, tok in enumerate(toks.tolist()):
         got = step(tok, 24 + i).clone()
@@ -89,11 +96,7 @@ def test_f16_cache_decode_equals_torch(isa, isa_env, packs):
     it stays close to the f32-cache step (the cache's half rounding, 2^-11 relative per value)."""
     isa_env(isa)
     prompt, toks = _ids(24, 1), _ids(16, 2)
-    model, cache, step = _setup(packs("tiny-F32.gguf", target="cpu"), prompt, torch.float16)
-    assert cache.c_kv.dtype == torch.float16 and step is not None
-    ref_cache = KVCache(model.config, CTX, dtype=torch.float16)
-    ref_cache.c_kv.copy_(cache.c_kv)
-    ref_cache.k_pe.copy_(cache.k_pe)
+    model, cache, step, ref_cache = _with_ref_cache(packs("tiny-F32.gguf", target="cpu"), prompt, torch.float16)
     _, cache32, step32 = _setup(packs("tiny-F32.gguf", target="cpu"), prompt)
     worst = worst32 = 0.0
     for i, tok in enumerate(toks.tolist()):
@@ -123,11 +126,7 @@ def test_bf16_cache_decode(isa, isa_env, packs):
     2^-8 relative); deeper layers' rows carry the attention's difference (measured <= 0.016): bound 0.05."""
     isa_env(isa)
     prompt, toks = _ids(24, 1), _ids(16, 2)
-    model, cache, step = _setup(packs("tiny-F32.gguf", target="cpu"), prompt, torch.bfloat16)
-    assert cache.c_kv.dtype == torch.bfloat16 and step is not None
-    ref_cache = KVCache(model.config, CTX, dtype=torch.bfloat16)
-    ref_cache.c_kv.copy_(cache.c_kv)
-    ref_cache.k_pe.copy_(cache.k_pe)
+    model, cache, step, ref_cache = _with_ref_cache(packs("tiny-F32.gguf", target="cpu"), prompt, torch.bfloat16)
     worst, same = 0.0, 0
     for i, tok in enumerate(toks.tolist()):
         got = step(tok, 24 + i).clone()
