@@ -192,10 +192,11 @@ void DecodeStep::attention(int64_t l, int64_t pos) {
   const bool par = T > 1 && n * H * (D + R) >= (int64_t(1) << 15);
   // head groups of >= 8 heads (smaller ones would re-read each row for too little work). Measured, 2 threads,
   // ~600 positions, bf16 cache: R1's 128 heads in 2 groups instead of 4 chunks 2.75 -> 2.35 ms per token
-  // (4 layers); the bench model's 16 heads in 2 groups ~0.05 ms faster (6 layers; f32 and f16 caches even).
+  // (4 layers); the bench model's 16 heads in 2 groups (6 layers): bf16 ~0.05 ms faster, f16 even, f32 ~0.1
+  // ms slower (one in-process A/B each).
   const int64_t G = par ? std::max<int64_t>(1, std::min<int64_t>(T, H / 8)) : 1;
   // chunks per group (<= 2 * threads: the partial buffers' count), at least 16 rows each
-  const int64_t want = G < T ? (2 * T + G - 1) / G : 1;
+  const int64_t want = par && G < T ? (2 * T + G - 1) / G : 1;
   const int64_t rows_per = std::max<int64_t>(16, (n + want - 1) / want);
   const int64_t nch = (n + rows_per - 1) / rows_per;
   auto task = [&](int64_t i, int) {
