@@ -21,7 +21,8 @@ it each engine reaches, and the greedy agreement: how many leading generated tok
 llama.cpp share; with llama.cpp's flash attention on (the default), also against one untimed llama.cpp
 run without it, and llama.cpp's two runs against each other (on a random model with flat logits any
 two correct engines part at the first near-tie their rounding flips; the peer's self-agreement says
-where that is).
+where that is); with a 16-bit ktpack cache timed (`--kt-kv-cache`, default bf16), also one untimed ktpack
+run with kt-run's default f32 cache.
 
 Quiet machine: before each timed repetition it waits until other processes use < --quiet of a core
 (default 5%) over 1 s (from /proc/stat minus this process tree's own CPU time), and a repetition
@@ -571,7 +572,7 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
         roof = statistics.median(gb_s) * 1e9 / info["decode_bytes_per_token"]
     res["bandwidth_gb_s"] = gb_s  # at the start of the run, before and after this file
     res["decode_roofline_tok_s"] = roof
-    _summarize(res, args, src, ids, work, roof)
+    _summarize(res, args, src, ids, ids_npy, work, roof)
     return res
 
 
@@ -613,7 +614,9 @@ def _engines_once(
             eng["ik_llama.cpp"] = {"error": str(e)}
 
 
-def _summarize(res: dict[str, Any], args: argparse.Namespace, src: Path, ids: list[int], work: Path, roof: float):
+def _summarize(
+    res: dict[str, Any], args: argparse.Namespace, src: Path, ids: list[int], ids_npy: Path, work: Path, roof: float
+) -> None:
     eng = res["engines"]
     for r in eng.values():
         if "reps" in r:
@@ -628,6 +631,16 @@ def _summarize(res: dict[str, Any], args: argparse.Namespace, src: Path, ids: li
     res["greedy_agreement_flash_attn_off"] = agreement(kt_ids, ll.get("output_ids_flash_attn_off"))
     # the peer against itself (its two attention paths): how long any two correct engines can agree here
     res["llama_self_agreement"] = agreement(ll_ids, ll.get("output_ids_flash_attn_off"))
+    # with a 16-bit cache timed, also kt-run's default f32 cache (one untimed run): the cache's rounding alone
+    # moves where a near-tie flips
+    res["greedy_agreement_f32_cache"] = None
+    if kt_ids and ll_ids and args.kt_kv_cache != "f32":
+        try:
+            packed = packed_dir(args.work, src, args.cpu_layout)
+            r32 = ktpack_once(args.kt_run, packed, ids_npy, args.threads, args.n_gen, work, args.timeout, "f32")
+            res["greedy_agreement_f32_cache"] = agreement(r32["output_ids"], ll_ids)
+        except (subprocess.SubprocessError, RuntimeError, OSError, KeyError, ValueError) as e:
+            log(f"ktpack f32-cache run on {src.name} failed: {e}")
     res["teacher_forced"] = None
     if kt_ids and ll_ids:
         try:
@@ -655,6 +668,8 @@ def _agree(res: dict[str, Any]) -> str:
     out = f"{g}/{n}" if g is not None else "-"
     g_off, g_self = res.get("greedy_agreement_flash_attn_off"), res.get("llama_self_agreement")
     out += f", fa-off {g_off}/{n}, llama fa-on/off {g_self}/{n}" if g_off is not None else ""
+    g32 = res.get("greedy_agreement_f32_cache")
+    out += f", f32 cache {g32}/{n}" if g32 is not None else ""
     return out + (f" (tf {tf['agree']}/{tf['n']})" if tf else "")
 
 
@@ -851,6 +866,7 @@ def main() -> None:
     print(f"of the start, before and after it) {per_file}; roofline = decode tok/s / (bandwidth")
     print("/ bytes per decode step); agree = leading greedy tokens equal in ktpack and llama.cpp (timed run;")
     print("fa-off: llama.cpp without flash attention; llama fa-on/off: llama.cpp's two runs against each other;")
+    print("f32 cache: an untimed ktpack run with kt-run's default f32 KV cache, where another one was timed;")
     print("tf: steps where ktpack's argmax is llama.cpp's token, fed llama.cpp's prefix); * = noisy reps kept")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
