@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from .cpu_ops import NativeExperts, NativeLinear, NativeMLP
-from .model import _MLP, DeepseekV3Model, KVCache
+from .model import _MLP, KV_CACHE_TYPES, DeepseekV3Model, KVCache
 from .moe import MoE, Routing
 
 _METHODS = {"noaux_tc": 0, "group_limited_greedy": 1, "greedy": 2}
 _SCORING = {"sigmoid": 0, "softmax": 1}
-# the cache element types the native step reads, by the name its configuration takes
-_KV_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# the cache element types the native step reads, by the name its configuration takes (kt-run's names)
+_KV_NAMES = {dtype: name for name, dtype in KV_CACHE_TYPES.items()}
 ENV = "KTPACK_NATIVE_DECODE"  # 0: decode through the torch model
 
 

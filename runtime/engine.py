@@ -24,10 +24,8 @@ import numpy as np
 import torch
 
 from .chat import ChatTokenizer, StreamDecoder
+from .model import KV_CACHE_TYPES
 from .sampling import Sampler, SamplingParams
-
-# kt-run --kv-cache: the CPU KV cache's element type (the GPU path keeps its own)
-KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _has_f16c() -> bool:

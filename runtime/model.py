@@ -81,6 +81,10 @@ def zeros_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return base[off : off + nbytes].view(dtype).view(shape)
 
 
+# kt-run --kv-cache: the CPU KV cache's element types by name (the GPU path keeps its own)
+KV_CACHE_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 class KVCache:
     """Static MLA cache for `ctx_size` positions, allocated once.
 
