@@ -47,15 +47,12 @@ at::Tensor marlin_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const 
               " inputs but qweight holds K = ", k);
   const int64_t group = group_size == -1 ? k : group_size;
   TORCH_CHECK(group > 0 && k % group == 0, "marlin_gemm: group_size ", group_size, " does not divide K = ", k);
-  // (Shapes are written out as numbers: streaming an IntArrayRef into the message crashed the process under
-  // torch 2.11 on an H200 machine instead of raising.)
-  TORCH_CHECK(scales.size(-2) == k / group && scales.size(-1) == n, "marlin_gemm: scales must be [", k / group, ", ", n,
-              "] for K = ", k, ", N = ", n, " and group ", group, ", got [", scales.size(-2), ", ", scales.size(-1),
-              "]");
+  TORCH_CHECK(scales.size(-2) == k / group && scales.size(-1) == n, "marlin_gemm: scales must be [", k / group, ", ",
+              n, "] for K = ", k, ", N = ", n, " and group ", group, ", got ", scales.sizes());
   if (stacked) {
     TORCH_CHECK(scales.size(0) == count, "marlin_gemm: qweight and scales hold different matrix counts");
     TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == count, "marlin_gemm: a stack of ", count,
-                " matrices needs x [T, ", count, ", K], got x with ", x_in.dim(), " dims");
+                " matrices needs x [T, ", count, ", K], got ", x_in.sizes());
   }
 
   const c10::cuda::CUDAGuard guard(x_in.device());
