@@ -171,6 +171,8 @@ def place_on_device(
     device = torch.device(device)
     if device.type == "cuda":
         cuda_ops.load()  # a clear error now rather than at the first GEMM
+        if device.index is None:  # "cuda" -> "cuda:N", the device its tensors (and caches) report
+            device = torch.device("cuda", torch.cuda.current_device())
     pack = model.pack
     marlin = _marlin_entries(pack)
     moves = list(_device_tensors(model))  # all checked before anything is allocated
