@@ -108,7 +108,41 @@ def marlin_gemm(x, qweight, scales, group_size: int = 128, kernel: str = "auto")
     load()
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    check_marlin_args(x, qweight, scales, group_size)
     return torch.ops.ktpack_cuda.marlin_gemm(x, qweight, scales, int(group_size), KERNELS[kernel])
+
+
+def check_marlin_args(x, qweight, scales, group_size: int) -> None:
+    """ValueError naming what is wrong with `marlin_gemm`'s arguments (dtypes and shapes; binding.cpp checks
+    the same again). Checked here because on an H200 with torch 2.11 most of binding.cpp's failed checks
+    crashed the process (SIGSEGV) instead of raising; the cause is not known yet (kernels/cuda/README.md)."""
+    import torch
+
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"marlin_gemm: x must be float16 or bfloat16, got {x.dtype}")
+    if qweight.dtype != torch.int32 or scales.dtype != torch.float16:
+        raise ValueError(f"marlin_gemm: qweight must be int32 and scales float16, got {qweight.dtype}, {scales.dtype}")
+    if qweight.dim() not in (2, 3) or scales.dim() != qweight.dim():
+        raise ValueError("marlin_gemm: qweight must be [K/16, 2N] or [B, K/16, 2N] and scales have its dims")
+    if not (qweight.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("marlin_gemm: qweight and scales must be contiguous")
+    n, k = qweight.shape[-1] // 2, qweight.shape[-2] * 16
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"marlin_gemm: x has {x.shape[-1] if x.dim() else 0} inputs but qweight holds K = {k}")
+    group = k if group_size == -1 else group_size
+    if group <= 0 or k % group:
+        raise ValueError(f"marlin_gemm: group_size {group_size} does not divide K = {k}")
+    if tuple(scales.shape[-2:]) != (k // group, n):
+        raise ValueError(
+            f"marlin_gemm: scales must be [{k // group}, {n}] for K = {k}, N = {n} and group {group}, "
+            f"got {list(scales.shape[-2:])}"
+        )
+    if qweight.dim() == 3:
+        count = qweight.shape[0]
+        if scales.shape[0] != count:
+            raise ValueError("marlin_gemm: qweight and scales hold different matrix counts")
+        if x.dim() != 3 or x.shape[1] != count:
+            raise ValueError(f"marlin_gemm: a stack of {count} matrices needs x [T, {count}, K], got {list(x.shape)}")
 
 
 def doorbell_start(flags, layer: int) -> None:

@@ -330,6 +330,36 @@ def test_marlin_gemm_in_cuda_graph():
         assert torch.equal(y, cuda_ops.marlin_gemm(x, qw_d, sc_d, 128)), f"replay {i}"
 
 
+def test_marlin_args_are_checked_before_the_op():
+    """cuda_ops.check_marlin_args (run before every GPU call; CPU tensors suffice to test it)."""
+    from ktpack.runtime.cuda_ops import check_marlin_args
+
+    qw = torch.zeros(8, 128, dtype=torch.int32)  # K = 128, N = 64
+    sc = torch.ones(1, 64, dtype=torch.float16)
+    x = torch.zeros(1, 128, dtype=torch.float16)
+    check_marlin_args(x, qw, sc, 128)
+    check_marlin_args(x.bfloat16(), qw, sc, -1)
+    check_marlin_args(
+        torch.zeros(3, 2, 128, dtype=torch.float16), qw[None].repeat(2, 1, 1), sc[None].repeat(2, 1, 1), 128
+    )
+    bad = [
+        ((x.float(), qw, sc, 128), "float16 or bfloat16, got torch.float32"),
+        ((x, qw.long(), sc, 128), "qweight must be int32"),
+        ((x, qw, sc.float(), 128), "scales float16"),
+        ((x, qw[0], sc[0], 128), r"qweight must be \[K/16, 2N\]"),
+        ((x, qw, sc[:, :32], 128), r"scales must be \[1, 64\] .* got \[1, 32\]"),
+        ((x, qw, sc.repeat(2, 1), 128), r"scales must be \[1, 64\] .* got \[2, 64\]"),
+        ((x, qw, torch.ones(64, 2, dtype=torch.float16).T, 128), "must be contiguous"),
+        ((torch.zeros(1, 256, dtype=torch.float16), qw, sc, 128), "x has 256 inputs but qweight holds K = 128"),
+        ((x, qw, sc, 100), "group_size 100 does not divide K = 128"),
+        ((x, qw[None].repeat(2, 1, 1), sc[None], 128), "different matrix counts"),
+        ((x, qw[None].repeat(2, 1, 1), sc[None].repeat(2, 1, 1), 128), r"needs x \[T, 2, K\], got \[1, 128\]"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_marlin_args(*args)
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_marlin_gemm_rejects_bad_input():
@@ -337,12 +367,14 @@ def test_marlin_gemm_rejects_bad_input():
 
     qw = torch.zeros(8, 128, dtype=torch.int32, device="cuda")  # K = 128, N = 64
     sc = torch.ones(1, 64, dtype=torch.float16, device="cuda")
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
         cuda_ops.marlin_gemm(torch.zeros(1, 128, device="cuda"), qw, sc, 128)
-    with pytest.raises(RuntimeError, match="inputs but qweight holds K = 128"):
+    with pytest.raises(ValueError, match="inputs but qweight holds K = 128"):
         cuda_ops.marlin_gemm(torch.zeros(1, 256, device="cuda", dtype=torch.float16), qw, sc, 128)
-    with pytest.raises(RuntimeError, match="scales must be"):
+    with pytest.raises(ValueError, match="scales must be"):
         cuda_ops.marlin_gemm(torch.zeros(1, 128, device="cuda", dtype=torch.float16), qw, sc[:, :32], 128)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):  # the op's own check, first in binding.cpp
+        torch.ops.ktpack_cuda.marlin_gemm(torch.zeros(1, 128, device="cuda"), qw, sc, 128, 0)
 
 
 def test_cuda_ops_explains_when_unavailable():
