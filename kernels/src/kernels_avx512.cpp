@@ -1205,6 +1205,19 @@ inline void prefetch_lines(const uint8_t* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64 * i, _MM_HINT_T0);
 }
 
+// Prefill: while a kernel call works on row group g from cache, it fetches a share of row group g+1 (the
+// next weights, cold in DRAM the first time) a few lines per super-block; the calls of one group's token
+// blocks share the group between them. kNextGroup = 0 (KTPACK_NEXT_GROUP=0) turns it off.
+int kNextGroup = 1;
+struct NextLines {
+  const char* p = nullptr;  // first line of this call's share (nullptr: none)
+  int64_t lines = 0;        // lines in the share
+  inline void at(int64_t b, int64_t nb) const {
+    if (!p) return;
+    for (int64_t i = b * lines / nb, i1 = (b + 1) * lines / nb; i < i1; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+  }
+};
+
 // The activation rows of MT tokens as a lane kernel reads them: codes, one scale per `block` values, the
 // sums of every 16 codes.
 template <int MT>
@@ -1223,7 +1236,7 @@ struct TokenRows {
 inline __m512i load_u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
 
 template <int MT>
-void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
+void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy, const NextLines& nx = {}) {
   constexpr int BB = 2368;
   const int64_t nb = w.k / 256;
   const uint8_t* base = w.data + g * nb * BB;
@@ -1234,6 +1247,7 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
     if constexpr (MT == 1) prefetch_lines(blk + 2048, 5);  // scales; the code rows prefetch their own lines
+    nx.at(b, nb);
     __m512i isum[MT];
     for (int t = 0; t < MT; ++t) isum[t] = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h)
@@ -1283,7 +1297,7 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 }
 
 template <int MT>
-void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
+void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy, const NextLines& nx = {}) {
   constexpr int BB = 3360;
   const int64_t nb = w.k / 256;
   const uint8_t* base = w.data + g * nb * BB;
@@ -1294,6 +1308,7 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
     if constexpr (MT == 1) prefetch_lines(blk + 3072, 5);  // scales; the code rows prefetch their own lines
+    nx.at(b, nb);
     __m512i isum[MT];
     for (int t = 0; t < MT; ++t) isum[t] = _mm512_setzero_si512();
     for (int s = 0; s < 4; ++s) {  // tile rows 4s..4s+3: quarter i's values 64i+16s.., sub-block 4i+s
@@ -1336,7 +1351,7 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 // Q8_0: a lane block is 16 rows x one 32-value block, codes stored as q + 128 (unsigned): dpbusd, then
 // subtract 128 x the block's activation sum; f16 row scales times the block's activation scale.
 template <int MT>
-void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy) {
+void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy, const NextLines& nx = {}) {
   constexpr int BB = 544;
   const int64_t nb = w.k / 32;
   const uint8_t* base = w.data + g * nb * BB;
@@ -1346,6 +1361,7 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = base + b * BB;
     if constexpr (MT == 1) prefetch_lines(blk, 9);  // 8.5 lines a block: a line ahead of every line read
+    nx.at(b, nb);
     __m512i acc[MT];
     for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
     for (int r = 0; r < 8; ++r) {
@@ -1364,19 +1380,33 @@ void lanes_q80(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
 // Prefill: a row group's weights (16 rows x K: 40-320 KiB for DeepSeek's K) stay in L2 while every
 // token block uses them; decode runs the one-token kernel, which prefetches.
 template <WType T, int MT>
-void lanes_call(const WMat& w, const QAct& a, int64_t g, int r, float* y, int64_t ldy) {
+void lanes_call(const WMat& w, const QAct& a, int64_t g, int r, float* y, int64_t ldy, const NextLines& nx) {
   if constexpr (T == WType::lanes_q4_k)
-    lanes_q4k<MT>(w, a, g, r, y, ldy);
+    lanes_q4k<MT>(w, a, g, r, y, ldy, nx);
   else if constexpr (T == WType::lanes_q6_k)
-    lanes_q6k<MT>(w, a, g, r, y, ldy);
+    lanes_q6k<MT>(w, a, g, r, y, ldy, nx);
   else
-    lanes_q80<MT>(w, a, g, r, y, ldy);
+    lanes_q80<MT>(w, a, g, r, y, ldy, nx);
 }
 
 template <WType T>
 void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t g = n0 / 16; g < n1 / 16; ++g)
-    by_token_blocks(a.m, [&](auto mt, int r) { lanes_call<T, decltype(mt)::n>(w, a, g, r, y, ldy); });
+  constexpr int64_t BB = T == WType::lanes_q4_k ? 2368 : T == WType::lanes_q6_k ? 3360 : 544;
+  constexpr int64_t VB = T == WType::lanes_q8_0 ? 32 : 256;
+  const int64_t group_bytes = w.k / VB * BB, group_lines = (group_bytes + 63) / 64;
+  const int calls = (a.m + 3) / 4;  // by_token_blocks' calls per group
+  for (int64_t g = n0 / 16, g1 = n1 / 16; g < g1; ++g) {
+    const bool next = kNextGroup && a.m > 1 && g + 1 < g1;
+    const char* nbase = reinterpret_cast<const char*>(w.data + (g + 1) * group_bytes);
+    by_token_blocks(a.m, [&](auto mt, int r) {
+      NextLines nx;
+      if (next) {  // call j of `calls` fetches lines [j L / calls, (j + 1) L / calls) of group g + 1
+        const int64_t j = r / 4, l0 = j * group_lines / calls, l1 = (j + 1) * group_lines / calls;
+        nx.p = nbase + 64 * l0, nx.lines = l1 - l0;
+      }
+      lanes_call<T, decltype(mt)::n>(w, a, g, r, y, ldy, nx);
+    });
+  }
 }
 
 template <int MT>
@@ -1400,6 +1430,7 @@ struct Int4NB {
 void fill_kernels_avx512(Kernels* k) {
   using namespace avx512;
   if (const char* e = std::getenv("KTPACK_PREFETCH")) kPrefetch = std::atoi(e);
+  if (const char* e = std::getenv("KTPACK_NEXT_GROUP")) kNextGroup = std::atoi(e);
   k->name = "avx512";
   fill_generic(k);
   k->silu_mul = silu_mul_v;
