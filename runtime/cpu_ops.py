@@ -274,6 +274,20 @@ class NativeLinear(CpuLinear):
         return out
 
 
+def prefill_scores_bf16(
+    q: torch.Tensor, qr: torch.Tensor, c: torch.Tensor, kr: torch.Tensor, scale: float, out: torch.Tensor
+) -> None:
+    """`out[m, t] = scale * (q[m] · c[t] + qr[m] · kr[t])` over a bf16 cache's rows, by the native decode
+    kernels (q rounded to bf16 as the decode step does, f32 sums), in parallel over the M query heads."""
+    from .. import kernels
+
+    kernels.ensure_engine()
+    kernels._native.prefill_scores(
+        q.contiguous().numpy(), qr.contiguous().numpy(), c.view(torch.int16).numpy(), kr.view(torch.int16).numpy(),
+        scale, out.numpy(),
+    )  # fmt: skip
+
+
 def stacked_as_one(w: object) -> CpuLinear | None:
     """A stacked CPU weight `[M, N, K]` as the one matrix `[M*N, K]` over the same mapped bytes, where the
     layout stores a stack as the concatenation of its matrices' row groups (ggml_lanes_v1 always;

@@ -219,6 +219,27 @@ def test_decode_attention_kernels(isa, kv, heads, D, R, t0, t1, use_isa):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("heads,D,R,n", [(37, 512, 64, 45), (8, 48, 16, 9)])
+def test_prefill_scores_bf16(isa, heads, D, R, n, use_isa):
+    """The prefill's scores over a bf16 cache (many query heads at once, split over the pool's threads): the
+    bf16 decode scores kernel's arithmetic and bound (test_decode_attention_kernels) for every head and row;
+    a head count that is not a multiple of the kernels' 4-head block, and a shape only the generic loops take."""
+    use_isa(isa)
+    rng = np.random.default_rng(heads + n)
+    q, qr = rng.standard_normal((heads, D)).astype(np.float32), rng.standard_normal((heads, R)).astype(np.float32)
+    cs, ks = _bf16(rng.standard_normal((n, D))), _bf16(rng.standard_normal((n, R)))
+    s = np.full((heads, n), np.nan, np.float32)
+    _native.prefill_scores(q, qr, cs, ks, 0.125, s)
+    c64, k64 = _widen_bf16(cs), _widen_bf16(ks)
+    q64, qr64 = _widen_bf16(_bf16(q)), _widen_bf16(_bf16(qr))
+    want = (q64 @ c64.T + qr64 @ k64.T) * 0.125
+    bound = (D + R + 16) * 2.0**-24 * (np.abs(q64) @ np.abs(c64).T + np.abs(qr64) @ np.abs(k64).T) * 0.125
+    assert (np.abs(s - want) <= bound).all()
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        _native.prefill_scores(q, qr, cs, ks, 0.125, s[:, :-1].copy())
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_stacked_linear_is_per_matrix(isa, use_isa):
     """A 3-D weight (attn_k_b / attn_v_b): x[T, M, K] -> y[T, M, N], matrix m for slot m."""
     use_isa(isa)

@@ -333,6 +333,28 @@ PYBIND11_MODULE(_native, m) {
       "Use this ISA's kernels from now on (checked against the CPU first).");
   m.def("selected_isa", [] { return std::string(ktpack::kernels().name); });
   m.def(
+      "prefill_scores",
+      [](py::array q, py::array qr, py::array c, py::array kr, float scale, py::array s) {
+        // q [M][D], qr [M][R] f32; c [n][D], kr [n][R] bf16 bits (int16/uint16); s [M][n] f32, written.
+        if (q.ndim() != 2 || qr.ndim() != 2 || c.ndim() != 2 || kr.ndim() != 2 || s.ndim() != 2)
+          throw py::value_error("prefill_scores: 2-d arrays expected");
+        const int64_t M = q.shape(0), D = q.shape(1), R = qr.shape(1), n = c.shape(0);
+        if (qr.shape(0) != M || c.shape(1) != D || kr.shape(0) != n || kr.shape(1) != R || s.shape(0) != M ||
+            s.shape(1) != n)
+          throw py::value_error("prefill_scores: inconsistent shapes");
+        if (c.itemsize() != 2 || kr.itemsize() != 2 || !(c.flags() & py::array::c_style) ||
+            !(kr.flags() & py::array::c_style))
+          throw py::value_error("prefill_scores: the cache rows must be C-contiguous bf16 bits");
+        const float* qp = f32_ptr(q, M * D, "q", false);
+        const float* qrp = f32_ptr(qr, M * R, "qr", false);
+        float* sp = f32_ptr(s, M * n, "s", true);
+        const auto* cp = static_cast<const uint16_t*>(c.data());
+        const auto* kp = static_cast<const uint16_t*>(kr.data());
+        py::gil_scoped_release nogil;
+        ktpack::prefill_scores_bf16(qp, qrp, M, D, R, cp, kp, n, scale, sp);
+      },
+      py::arg("q"), py::arg("qr"), py::arg("c"), py::arg("kr"), py::arg("scale"), py::arg("s"));
+  m.def(
       "attention",
       [](const std::string& kv, py::array q, py::array qr, py::array c, py::array kr, float scale, int64_t t0,
          int64_t t1, py::array p) {

@@ -17,6 +17,12 @@ bool select_isa(const char* name);
 // the reads cannot be optimized away.
 uint64_t read_all(const uint8_t* p, int64_t n);
 
+// Prefill attention scores over a bf16 latent cache, the decode kernels' arithmetic (q rounded to bf16,
+// f32 sums) for M query heads at once (a block of tokens x heads; MLA's heads share the cache rows):
+// s[m * n + t] = scale * (q[m] · c[t] + qr[m] · kr[t]) for t < n, in parallel over the heads.
+void prefill_scores_bf16(const float* q, const float* qr, int64_t M, int64_t D, int64_t R, const uint16_t* c,
+                         const uint16_t* kr, int64_t n, float scale, float* s);
+
 // A stack of `count` matrices of one format, `stride` bytes apart.
 struct WStack {
   WMat m;  // matrix 0

@@ -117,6 +117,22 @@ uint64_t read_all(const uint8_t* p, int64_t n) {
   return x;
 }
 
+void prefill_scores_bf16(const float* q, const float* qr, int64_t M, int64_t D, int64_t R, const uint16_t* c,
+                         const uint16_t* kr, int64_t n, float scale, float* s) {
+  ThreadPool& p = pool();
+  const Kernels& kt = kernels();
+  // head ranges in multiples of 4 (the kernels' register block), two per thread for balance
+  const int64_t units = (M + 3) / 4, tasks = std::max<int64_t>(1, std::min<int64_t>(units, 2 * p.threads()));
+  auto body = [&](int64_t i, int) {
+    const int64_t h0 = std::min(M, i * units / tasks * 4), h1 = std::min(M, (i + 1) * units / tasks * 4);
+    if (h1 > h0) kt.attn_scores_bf16(q + h0 * D, D, qr + h0 * R, R, h1 - h0, c, D, kr, R, 0, n, scale, s + h0 * n, n);
+  };
+  if (tasks == 1)
+    body(0, 0);
+  else
+    p.run(tasks, body);
+}
+
 // ---- activations ----
 
 QAct ActBuf::quantize(const float* x, int64_t ldx, int64_t rows, int64_t k, int block, bool integer) {
