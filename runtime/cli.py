@@ -140,6 +140,7 @@ def main(packed: Path, prompt_file: Path | None, prompt: str | None, prompt_ids:
             packed, ctx_size=ctx_size, prefill_chunk=prefill_chunk, verify=verify, engine=engine, graph=not no_graph,
             gpu_mem=gpu_mem, kv_cache=kv_cache,
         )  # fmt: skip
+        eng.settle_torch_threads()
         if eng.gpu_budget is not None:
             click.echo(f"kt-run: {eng.gpu_budget.line()}", err=True)
         if score_ids is not None:

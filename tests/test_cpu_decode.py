@@ -176,6 +176,28 @@ def test_bf16_cache_prefill_scores(packs, monkeypatch):
     assert (logits[0].argmax(-1) == logits[1].argmax(-1)).sum() >= 148
 
 
+def test_settle_torch_threads(packs, monkeypatch):
+    """kt-run / kt-serve leave torch one thread beside the native engine's pool (KTPACK_TORCH_THREADS
+    overrides; a bad value is an EngineError); the reference engine keeps torch's threads."""
+    from ktpack.runtime.engine import EngineError
+
+    folder = packs("tiny-Q8_0.gguf", target="cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Engine(folder, ctx_size=32, engine="ref").settle_torch_threads()
+        assert torch.get_num_threads() == 2
+        eng = Engine(folder, ctx_size=32, engine="native")
+        monkeypatch.setenv("KTPACK_TORCH_THREADS", "two")
+        with pytest.raises(EngineError, match="KTPACK_TORCH_THREADS must be a positive integer, got 'two'"):
+            eng.settle_torch_threads()
+        monkeypatch.delenv("KTPACK_TORCH_THREADS")
+        eng.settle_torch_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_kv_cache_option(packs):
     from ktpack.runtime.engine import Engine, EngineError
 

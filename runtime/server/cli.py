@@ -66,6 +66,11 @@ def main(packed: Path, host: str, port: int, model_name: str | None, api_key: st
         click.echo(f"kt-serve: error: {e}", err=True)
         sys.exit(1)
     st = app.state.kt
+    try:
+        st.engine.settle_torch_threads()
+    except EngineError as e:
+        click.echo(f"kt-serve: error: {e}", err=True)
+        sys.exit(1)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"kt-serve: warning: listening on {host} without --api-key", err=True)
     click.echo(f"kt-serve: serving `{st.model_name}` (ctx {ctx_size}) on http://{host}:{port}/", err=True)
