@@ -288,6 +288,15 @@ def prefill_scores_bf16(
     )  # fmt: skip
 
 
+def prefill_values(p: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+    """`out[t, h] = sum_j p[t, h, j] v[j, h]` (p [T, H, n], v [n, H, V], out [T, H, V], f32, out contiguous and
+    written in place) by the native engine, heads split over its pool (torch runs one thread beside it)."""
+    from .. import kernels
+
+    kernels.ensure_engine()
+    kernels._native.prefill_values(p.contiguous().numpy(), v.contiguous().numpy(), out.numpy())
+
+
 def stacked_as_one(w: object) -> CpuLinear | None:
     """A stacked CPU weight `[M, N, K]` as the one matrix `[M*N, K]` over the same mapped bytes, where the
     layout stores a stack as the concatenation of its matrices' row groups (ggml_lanes_v1 always;

@@ -151,6 +151,14 @@ class Engine:
         if not want.isdigit() or int(want) < 1:
             raise EngineError(f"KTPACK_TORCH_THREADS must be a positive integer, got {want!r}")
         torch.set_num_threads(int(want))
+        if "KTPACK_SPIN_US" not in os.environ:
+            # With torch on one core, the pool's idle threads may wait through the prefill's torch glue
+            # between two native ops (0.3-0.6 ms) instead of sleeping: waking them cost more (prefill 512,
+            # bench-Q4_K_M, 30 -> 1000 us: 621-684 -> 685-724 tok/s, alternating processes).
+            from .. import kernels
+
+            kernels.ensure_engine()
+            kernels._native.set_spin_us(1000)
 
     @property
     def tokenizer(self) -> ChatTokenizer:

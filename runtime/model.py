@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layouts.config import ModelConfig
-from .cpu_ops import CpuLinear, prefill_scores_bf16, stacked_as_one
+from .cpu_ops import CpuLinear, prefill_scores_bf16, prefill_values, stacked_as_one
 from .moe import MoE, Router, Routing
 from .rope import RopeTable, softmax_scale
 from .weights import Pack, ask_huge_pages
@@ -170,6 +170,7 @@ class _Attention:
         # the probabilities summed over 128-wide v rows, instead of over 512-wide latent rows and v_b applied
         # per query (same product, regrouped; ~4x fewer attention multiply-adds, measured -6% of a prefill).
         v = None
+        native = ck.device.type == "cpu" and self.model.pack.engine == "native"
         if self.v_rows is not None and t >= VALUES_FROM_ROWS_MIN:
             v = linear(self.v_rows, ck).view(-1, self.h, self.v)
             out = q_abs.new_empty(t, self.h, self.v, dtype=torch.float32)
@@ -185,9 +186,7 @@ class _Attention:
             # A bf16 cache on the native engine: the scores by the decode step's kernels (bf16 products, f32
             # sums; 1024 heads x 512 rows, 2 threads: 167 GMAC/s vs torch's f32 GEMM 95; q rounded to bf16 as
             # in every later decode step).
-            native16 = (
-                cache.c_kv.dtype == torch.bfloat16 and ck.device.type == "cpu" and self.model.pack.engine == "native"
-            )
+            native16 = native and cache.c_kv.dtype == torch.bfloat16
         for s in range(0, t, PREFILL_Q_BLOCK):
             e = min(t, s + PREFILL_Q_BLOCK)
             n = kv_len if not blocks else min(kv_len, int(pos[e - 1]) + 1)  # positions ascend
@@ -210,7 +209,9 @@ class _Attention:
                 sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
                 mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))
                 probs = torch.softmax(sc * self.scale + mask[:, None, :], dim=-1, dtype=torch.float32)
-            if v is not None:
+            if v is not None and native:
+                prefill_values(probs, v[:n], out[s:e])
+            elif v is not None:
                 out[s:e] = torch.einsum("thn,nhv->thv", probs, v[:n])
             else:
                 out[s:e] = torch.einsum("thn,nc->thc", probs, ck[:n])

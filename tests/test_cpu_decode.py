@@ -176,13 +176,43 @@ def test_bf16_cache_prefill_scores(packs, monkeypatch):
     assert (logits[0].argmax(-1) == logits[1].argmax(-1)).sum() >= 148
 
 
+def test_native_prefill_values(packs, monkeypatch):
+    """A prefill of several query blocks takes its attention values (probabilities times the cached rows'
+    v_b products) from the native engine (cpu_ops.prefill_values): torch's einsum's logits within 1e-4 (the
+    oracle tests' bound; only the f32 summation order differs), over an f32 cache."""
+    from ktpack.runtime import model as model_mod
+
+    folder = packs("tiny-Q8_0.gguf", target="cpu")
+    ids = _ids(150, 5)
+    calls = []
+
+    def counted(p, v, out):
+        calls.append(tuple(p.shape))
+        native(p, v, out)
+
+    def torch_values(p, v, out):
+        out.copy_(torch.einsum("thn,nhv->thv", p, v))
+
+    native = model_mod.prefill_values
+    logits = []
+    for fn in (counted, torch_values):
+        monkeypatch.setattr(model_mod, "prefill_values", fn)
+        model = DeepseekV3Model(load_pack(folder, engine="native"))
+        logits.append(model.forward(ids, 0, KVCache(model.config, 160)))
+    assert len(calls) == 3 * model.config.num_hidden_layers  # 150 tokens: 3 query blocks per layer
+    diff = (logits[0] - logits[1]).abs().max().item()
+    assert diff <= 1e-4 and torch.equal(logits[0].argmax(-1), logits[1].argmax(-1)), diff
+
+
 def test_settle_torch_threads(packs, monkeypatch):
     """kt-run / kt-serve leave torch one thread beside the native engine's pool (KTPACK_TORCH_THREADS
-    overrides; a bad value is an EngineError); the reference engine keeps torch's threads."""
+    overrides; a bad value is an EngineError) and let the pool's threads spin 1 ms (unless KTPACK_SPIN_US is
+    set); the reference engine keeps torch's threads."""
+    from ktpack.kernels import _native
     from ktpack.runtime.engine import EngineError
 
     folder = packs("tiny-Q8_0.gguf", target="cpu")
-    before = torch.get_num_threads()
+    before, spin = torch.get_num_threads(), _native.spin_us()
     try:
         torch.set_num_threads(2)
         Engine(folder, ctx_size=32, engine="ref").settle_torch_threads()
@@ -192,10 +222,12 @@ def test_settle_torch_threads(packs, monkeypatch):
         with pytest.raises(EngineError, match="KTPACK_TORCH_THREADS must be a positive integer, got 'two'"):
             eng.settle_torch_threads()
         monkeypatch.delenv("KTPACK_TORCH_THREADS")
+        monkeypatch.delenv("KTPACK_SPIN_US", raising=False)
         eng.settle_torch_threads()
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and _native.spin_us() == 1000
     finally:
         torch.set_num_threads(before)
+        _native.set_spin_us(spin)
 
 
 def test_kv_cache_option(packs):

@@ -240,6 +240,25 @@ def test_prefill_scores_bf16(isa, heads, D, R, n, use_isa):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("T,H,n,V", [(5, 3, 37, 128), (4, 16, 300, 128), (3, 2, 9, 48)])
+def test_prefill_values(isa, T, H, n, V, use_isa):
+    """The prefill's attention values (per head, probabilities times that head's value rows; the heads split
+    over the pool above a size) against float64: f32 sums, bound (n + 16) 2^-24 sum |products|. An odd query
+    count (the kernels' 2-query block), a size split over the pool, and a width only the generic loops take."""
+    use_isa(isa)
+    rng = np.random.default_rng(T * H + n)
+    p = rng.uniform(0, 1, (T, H, n)).astype(np.float32)
+    v = rng.standard_normal((n, H, V)).astype(np.float32)
+    out = np.full((T, H, V), np.nan, np.float32)
+    _native.prefill_values(p, v, out)
+    want = np.einsum("thn,nhv->thv", p.astype(np.float64), v.astype(np.float64))
+    bound = (n + 16) * 2.0**-24 * np.einsum("thn,nhv->thv", np.abs(p).astype(np.float64), np.abs(v).astype(np.float64))
+    assert (np.abs(out - want) <= bound).all()
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        _native.prefill_values(p, v[:-1].copy(), out)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_stacked_linear_is_per_matrix(isa, use_isa):
     """A 3-D weight (attn_k_b / attn_v_b): x[T, M, K] -> y[T, M, N], matrix m for slot m."""
     use_isa(isa)

@@ -355,6 +355,22 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("q"), py::arg("qr"), py::arg("c"), py::arg("kr"), py::arg("scale"), py::arg("s"));
   m.def(
+      "prefill_values",
+      [](py::array p, py::array v, py::array out) {
+        // p [T][H][n], v [n][H][V], out [T][H][V] f32 (written): out[t][h] = sum_j p[t][h][j] v[j][h].
+        if (p.ndim() != 3 || v.ndim() != 3 || out.ndim() != 3)
+          throw py::value_error("prefill_values: 3-d arrays expected");
+        const int64_t T = p.shape(0), H = p.shape(1), n = p.shape(2), V = v.shape(2);
+        if (v.shape(0) != n || v.shape(1) != H || out.shape(0) != T || out.shape(1) != H || out.shape(2) != V)
+          throw py::value_error("prefill_values: inconsistent shapes");
+        const float* pp = f32_ptr(p, T * H * n, "p", false);
+        const float* vp = f32_ptr(v, n * H * V, "v", false);
+        float* op = f32_ptr(out, T * H * V, "out", true);
+        py::gil_scoped_release nogil;
+        ktpack::prefill_values(pp, T, H, n, vp, V, op);
+      },
+      py::arg("p"), py::arg("v"), py::arg("out"));
+  m.def(
       "attention",
       [](const std::string& kv, py::array q, py::array qr, py::array c, py::array kr, float scale, int64_t t0,
          int64_t t1, py::array p) {
@@ -399,6 +415,10 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "set_threads", [](int threads, int nodes) { ktpack::set_pool(threads, nodes); }, py::arg("threads") = 0,
       py::arg("nodes") = 1, "Recreate the thread pool (threads <= 0: KTPACK_THREADS or the usable cores).");
+  m.def(
+      "set_spin_us", [](int us) { ktpack::pool().set_spin_us(us); }, py::arg("us"),
+      "How long the pool's idle threads spin before they sleep, in microseconds (KTPACK_SPIN_US at start).");
+  m.def("spin_us", [] { return ktpack::pool().spin_us(); });
   m.def("threads", [] { return ktpack::pool().threads(); });
   m.def("machine_nodes", &ktpack::machine_nodes, "NUMA nodes of this machine (1 when unknown).");
   m.def(

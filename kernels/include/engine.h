@@ -113,6 +113,11 @@ using AttnValues16Fn = void (*)(const float* p, int64_t ldp, int64_t H, const ui
 // every product is exact in f32: the arithmetic of vdpbf16ps, which does twice the f32 FMA's products per
 // instruction and reads half the f32 cache's bytes. Same function types as the f16 ones.
 
+// A prefill's attention values for one head: out[t * ldo + i] = sum_j p[t * ldp + j] * v[j * ldv + i] for
+// t < T, i < V, j < n (f32; the probabilities of T queries against n rows of that head's values).
+using HeadValuesFn = void (*)(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t n, int64_t T, int64_t V,
+                              float* out, int64_t ldo);
+
 // Row n of a ggml_rows_v1 matrix as f32 (out[0, k)), the values gguf-py's dequantizer gives, bit for bit;
 // false for a type it does not take (the lanes and amx layouts: no embedding is stored in them).
 using DequantRowFn = bool (*)(const WMat& w, int64_t n, float* out);
@@ -135,6 +140,7 @@ struct Kernels {
   AttnValues16Fn attn_values16;
   AttnScores16Fn attn_scores_bf16;
   AttnValues16Fn attn_values_bf16;
+  HeadValuesFn head_values;
   DequantRowFn dequant_row;
 };
 

@@ -23,6 +23,10 @@ uint64_t read_all(const uint8_t* p, int64_t n);
 void prefill_scores_bf16(const float* q, const float* qr, int64_t M, int64_t D, int64_t R, const uint16_t* c,
                          const uint16_t* kr, int64_t n, float scale, float* s);
 
+// Prefill attention values of a block of T queries over n rows: out[t][h][:] = sum_j p[t][h][j] v[j][h][:]
+// (p [T][H][n], v [n][H][V], out [T][H][V], f32), heads split over the pool.
+void prefill_values(const float* p, int64_t T, int64_t H, int64_t n, const float* v, int64_t V, float* out);
+
 // A stack of `count` matrices of one format, `stride` bytes apart.
 struct WStack {
   WMat m;  // matrix 0

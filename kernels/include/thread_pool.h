@@ -30,6 +30,9 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int threads() const { return n_threads_; }
+  // How long idle threads spin before they sleep (and the caller before it sleeps on the job's end).
+  void set_spin_us(int us) { spin_us_.store(us, std::memory_order_relaxed); }
+  int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
   int nodes() const { return n_nodes_; }
 
   // Run tasks [0, n). `node_end[j]` (optional, size nodes()) ends node j's range: node j prefers
@@ -41,7 +44,7 @@ class ThreadPool {
   void drain(int id, uint32_t gen);
 
   int n_threads_, n_nodes_;
-  int spin_us_;
+  std::atomic<int> spin_us_{30};
   std::vector<std::thread> workers_;
   const Task* fn_ = nullptr;
   int64_t n_ = 0;

@@ -966,6 +966,39 @@ void attn_values_bf16_v(const float* p, int64_t ldp, int64_t H, const uint16_t* 
   }
 }
 
+// Prefill values for one head: 2 queries x 128 values in 16 accumulators, each value row loaded once for
+// both; f32 FMAs (the row's 8 loads and 2 broadcasts against 16 FMAs: FMA-bound).
+template <int NT>
+void head_values_block(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t n, float* out, int64_t ldo) {
+  __m512 acc[NT][8];
+  for (int t = 0; t < NT; ++t)
+    for (int i = 0; i < 8; ++i) acc[t][i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * ldv;
+    __m512 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_ps(vj + 16 * i);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 pt = _mm512_set1_ps(p[t * ldp + j]);
+      for (int i = 0; i < 8; ++i) acc[t][i] = _mm512_fmadd_ps(pt, r[i], acc[t][i]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + t * ldo + 16 * i, acc[t][i]);
+}
+
+void head_values_v(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t n, int64_t T, int64_t V,
+                   float* out, int64_t ldo) {
+  if (V % 128) {
+    head_values_generic(p, ldp, v, ldv, n, T, V, out, ldo);
+    return;
+  }
+  for (int64_t i = 0; i < V; i += 128) {
+    int64_t t = 0;
+    for (; t + 2 <= T; t += 2) head_values_block<2>(p + t * ldp, ldp, v + i, ldv, n, out + t * ldo + i, ldo);
+    if (t < T) head_values_block<1>(p + t * ldp, ldp, v + i, ldv, n, out + t * ldo + i, ldo);
+  }
+}
+
 // Rows g0..g0+15 (group B = g0 + 8; `lone`: only group A, its lanes 8-15 unused) x tokens r0..r0+MT-1;
 // the bf16 row of token t at xs + (t - r0) * K.
 template <int MT>
@@ -1443,6 +1476,7 @@ void fill_kernels_avx512(Kernels* k) {
   k->attn_values16 = attn_values_v<uint16_t>;
   k->attn_scores_bf16 = attn_scores_bf16_v;
   k->attn_values_bf16 = attn_values_bf16_v;
+  k->head_values = head_values_v;
   k->read = read_zmm;
   k->gemm[int(WType::ggml_q8_0)] = q8_0_gemm;
   k->gemm[int(WType::ggml_q4_k)] = kquant_gemm<144>;

@@ -133,6 +133,17 @@ void prefill_scores_bf16(const float* q, const float* qr, int64_t M, int64_t D, 
     p.run(tasks, body);
 }
 
+void prefill_values(const float* p, int64_t T, int64_t H, int64_t n, const float* v, int64_t V, float* out) {
+  ThreadPool& pl = pool();
+  const Kernels& kt = kernels();
+  auto body = [&](int64_t h, int) { kt.head_values(p + h * n, H * n, v + h * V, H * V, n, T, V, out + h * V, H * V); };
+  if (T * H * n * V < (int64_t(1) << 18)) {
+    for (int64_t h = 0; h < H; ++h) body(h, 0);
+  } else {
+    pl.run(H, body);
+  }
+}
+
 // ---- activations ----
 
 QAct ActBuf::quantize(const float* x, int64_t ldx, int64_t rows, int64_t k, int block, bool integer) {

@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -85,7 +86,7 @@ int bind_to_node(const void* addr, size_t len, int node) {
 
 ThreadPool::ThreadPool(int threads, int nodes)
     : n_threads_(threads < 1 ? 1 : threads), n_nodes_(nodes < 1 ? 1 : nodes), ranges_(n_nodes_) {
-  spin_us_ = env_int("KTPACK_SPIN_US", 30);
+  spin_us_.store(env_int("KTPACK_SPIN_US", 30), std::memory_order_relaxed);
   const bool pin = n_nodes_ > 1 && machine_has_nodes(n_nodes_);
   for (int i = 1; i < n_threads_; ++i)
     workers_.emplace_back([this, i, pin] {
@@ -136,7 +137,8 @@ void ThreadPool::worker(int id) {
     const auto t0 = std::chrono::steady_clock::now();
     uint32_t g;
     while ((g = gen_.load(std::memory_order_acquire)) == seen) {
-      if (spin_us_ <= 0 || std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+      const int spin = spin_us();
+      if (spin <= 0 || std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin)) {
         gen_sleepers_.fetch_add(1, std::memory_order_seq_cst);
         if (gen_.load(std::memory_order_seq_cst) == seen) futex_wait(&gen_, seen);
         gen_sleepers_.fetch_sub(1, std::memory_order_relaxed);
@@ -176,7 +178,7 @@ void ThreadPool::run(int64_t n, const Task& fn, const int64_t* node_end) {
   while (fin_.load(std::memory_order_acquire) != gen) {
     const uint32_t f = fin_.load(std::memory_order_acquire);
     if (f == gen) break;
-    if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_ > 0 ? spin_us_ : 0)) {
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(std::max(spin_us(), 0))) {
       fin_sleepers_.fetch_add(1, std::memory_order_seq_cst);
       if (fin_.load(std::memory_order_seq_cst) == f) futex_wait(&fin_, f);
       fin_sleepers_.fetch_sub(1, std::memory_order_relaxed);
