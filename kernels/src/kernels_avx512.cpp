@@ -1424,9 +1424,7 @@ void lanes_call(const WMat& w, const QAct& a, int64_t g, int r, float* y, int64_
 
 template <WType T>
 void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  constexpr int64_t BB = T == WType::lanes_q4_k ? 2368 : T == WType::lanes_q6_k ? 3360 : 544;
-  constexpr int64_t VB = T == WType::lanes_q8_0 ? 32 : 256;
-  const int64_t group_bytes = w.k / VB * BB, group_lines = (group_bytes + 63) / 64;
+  const int64_t group_bytes = w.k / ggml_block_values(T) * lanes_block_bytes(T), group_lines = (group_bytes + 63) / 64;
   const int calls = (a.m + 3) / 4;  // by_token_blocks' calls per group
   for (int64_t g = n0 / 16, g1 = n1 / 16; g < g1; ++g) {
     const bool next = kNextGroup && a.m > 1 && g + 1 < g1;
