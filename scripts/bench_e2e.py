@@ -21,8 +21,9 @@ it each engine reaches, and the greedy agreement: how many leading generated tok
 llama.cpp share; with llama.cpp's flash attention on (the default), also against one untimed llama.cpp
 run without it, and llama.cpp's two runs against each other (on a random model with flat logits any
 two correct engines part at the first near-tie their rounding flips; the peer's self-agreement says
-where that is); with a 16-bit ktpack cache timed (`--kt-kv-cache`, default bf16), also one untimed ktpack
-run with kt-run's default f32 cache.
+where that is); one untimed ktpack run with each other cache type (f32, f16: llama.cpp's own, bf16);
+ktpack's argmax at each step fed llama.cpp's greedy prefix (`kt-run --score`), and the same for llama.cpp's
+own batched path (one evaluation of prompt + its tokens): how often the peer agrees with itself.
 
 Quiet machine: before each timed repetition it waits until other processes use < --quiet of a core
 (default 5%) over 1 s (from /proc/stat minus this process tree's own CPU time), and a repetition
@@ -396,7 +397,7 @@ def llama_worker(spec_path: Path) -> None:
         n_threads_batch=threads,
         n_batch=spec["n_batch"],
         n_ubatch=spec["n_batch"],
-        logits_all=False,
+        logits_all=bool(spec.get("teacher_force")),
         flash_attn=spec["flash_attn"],
         type_k=spec.get("kv_type", 1),  # ggml type ids: 0 = F32, 1 = F16 (llama.cpp's default)
         type_v=spec.get("kv_type", 1),
@@ -404,6 +405,12 @@ def llama_worker(spec_path: Path) -> None:
     )
     ctx = llm._ctx.ctx  # llama_context*
     n_vocab = llm.n_vocab()
+    ref = spec.get("teacher_force")
+    if ref:  # one batched evaluation of prompt + ref[:-1]: llama.cpp's argmax after each prefix of ref
+        llm.eval(ids + ref[:-1])
+        rows = np.asarray(llm.scores[len(ids) - 1 : len(ids) - 1 + len(ref)])
+        Path(spec["out"]).write_text(json.dumps({"argmax": rows.argmax(-1).tolist()}))
+        return
 
     def next_greedy() -> int:
         # logits of the last token of the last decoded batch
@@ -567,6 +574,16 @@ def bench_file(src: Path, args: argparse.Namespace, bw: dict[str, float], llama_
             ll["output_ids_flash_attn_off"] = r["reps"][0]["output_ids"]
         except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError) as e:
             log(f"llama.cpp without flash attention on {src.name} failed: {e}")
+    if ll.get("reps") and llama_python:
+        # the peer against itself on its own tokens: its batched path's argmax after each prefix of its greedy
+        # output (the yardstick for ktpack's teacher-forced agreement below)
+        try:
+            ref = ll["reps"][0]["output_ids"]
+            r = run_llama(llama_python, src, ids, args, work, teacher_force=ref)
+            miss = [i for i, (a, b) in enumerate(zip(r["argmax"], ref, strict=True)) if a != b]
+            ll["batched_self_tf"] = {"agree": len(ref) - len(miss), "n": len(ref), "mismatch_steps": miss}
+        except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError) as e:
+            log(f"llama.cpp's batched self-check on {src.name} failed: {e}")
     if not bw.get("given"):
         gb_s.append(read_bandwidth(args.threads, args.bw_gib, 3)["gb_s"])
         roof = statistics.median(gb_s) * 1e9 / info["decode_bytes_per_token"]
@@ -631,16 +648,24 @@ def _summarize(
     res["greedy_agreement_flash_attn_off"] = agreement(kt_ids, ll.get("output_ids_flash_attn_off"))
     # the peer against itself (its two attention paths): how long any two correct engines can agree here
     res["llama_self_agreement"] = agreement(ll_ids, ll.get("output_ids_flash_attn_off"))
-    # with a 16-bit cache timed, also kt-run's default f32 cache (one untimed run): the cache's rounding alone
-    # moves where a near-tie flips
-    res["greedy_agreement_f32_cache"] = None
-    if kt_ids and ll_ids and args.kt_kv_cache != "f32":
+    # the other cache types, one untimed run each: f16 is llama.cpp's own cache type (the like-for-like
+    # comparison), f32 kt-run's default; the cache's rounding alone moves where a near-tie flips
+    res["greedy_agreement_by_cache"] = {}
+    ll_off = ll.get("output_ids_flash_attn_off")
+    for kv in ("f32", "f16", "bf16"):
+        if not (kt_ids and ll_ids):
+            break
         try:
-            packed = packed_dir(args.work, src, args.cpu_layout)
-            r32 = ktpack_once(args.kt_run, packed, ids_npy, args.threads, args.n_gen, work, args.timeout, "f32")
-            res["greedy_agreement_f32_cache"] = agreement(r32["output_ids"], ll_ids)
+            if kv == args.kt_kv_cache:
+                o = kt_ids
+            else:
+                packed = packed_dir(args.work, src, args.cpu_layout)
+                o = ktpack_once(args.kt_run, packed, ids_npy, args.threads, args.n_gen, work, args.timeout, kv)[
+                    "output_ids"
+                ]
+            res["greedy_agreement_by_cache"][kv] = {"fa_on": agreement(o, ll_ids), "fa_off": agreement(o, ll_off)}
         except (subprocess.SubprocessError, RuntimeError, OSError, KeyError, ValueError) as e:
-            log(f"ktpack f32-cache run on {src.name} failed: {e}")
+            log(f"ktpack {kv}-cache run on {src.name} failed: {e}")
     res["teacher_forced"] = None
     if kt_ids and ll_ids:
         try:
@@ -667,10 +692,13 @@ def _agree(res: dict[str, Any]) -> str:
     n = len(res.get("engines", {}).get("ktpack", {}).get("output_ids") or []) or N_GEN
     out = f"{g}/{n}" if g is not None else "-"
     g_off, g_self = res.get("greedy_agreement_flash_attn_off"), res.get("llama_self_agreement")
-    out += f", fa-off {g_off}/{n}, llama fa-on/off {g_self}/{n}" if g_off is not None else ""
-    g32 = res.get("greedy_agreement_f32_cache")
-    out += f", f32 cache {g32}/{n}" if g32 is not None else ""
-    return out + (f" (tf {tf['agree']}/{tf['n']})" if tf else "")
+    out += f", llama fa-on/off {g_self}/{n}" if g_off is not None else ""
+    for kv, a in res.get("greedy_agreement_by_cache", {}).items():
+        out += f", {kv} cache {a['fa_on']}/{a['fa_off']}"
+    out += f" (tf {tf['agree']}/{tf['n']}" if tf else ""
+    self_tf = res.get("engines", {}).get("llama.cpp", {}).get("batched_self_tf")
+    out += f"; llama self tf {self_tf['agree']}/{self_tf['n']}" if tf and self_tf else ""
+    return out + (")" if tf else "")
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -865,9 +893,11 @@ def main() -> None:
     print(f"\nthreads {args.threads}; read bandwidth {bw['gb_s']:.1f} GB/s at the start, per file (the median")
     print(f"of the start, before and after it) {per_file}; roofline = decode tok/s / (bandwidth")
     print("/ bytes per decode step); agree = leading greedy tokens equal in ktpack and llama.cpp (timed run;")
-    print("fa-off: llama.cpp without flash attention; llama fa-on/off: llama.cpp's two runs against each other;")
-    print("f32 cache: an untimed ktpack run with kt-run's default f32 KV cache, where another one was timed;")
-    print("tf: steps where ktpack's argmax is llama.cpp's token, fed llama.cpp's prefix); * = noisy reps kept")
+    print("llama fa-on/off: llama.cpp with and without flash attention against each other;")
+    print("f32/f16/bf16 cache: ktpack with that KV cache type (untimed unless it is the timed one) against llama.cpp")
+    print("with / without flash attention (llama.cpp's cache is f16); tf: steps where ktpack's argmax is llama.cpp's")
+    print("token, fed llama.cpp's prefix; llama self tf: the same for llama.cpp's own batched path);")
+    print("* = noisy reps kept")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
         log(f"wrote {args.json}")
