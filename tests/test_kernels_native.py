@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +153,32 @@ def test_gemm_against_numpy(isa, case, m, use_isa):
     else:
         bound = 1e-5 * (np.abs(x) @ absw.T)
     assert (np.abs(y - x.astype(np.float64) @ w64.T) <= bound + 1e-30).all()
+
+
+@pytest.mark.skipif(not K.supported("avx512")[0], reason="the Q6_K GFNI unpack is an AVX-512 kernel")
+def test_lanes_q6k_gfni_and_plain_unpack_agree(tmp_path):
+    """The AVX-512 lanes Q6_K kernel unpacks with GFNI where the CPU has it, else with shifts and masks
+    (KTPACK_GFNI=0 forces that; the kernel table is filled once per process, so each runs in its own):
+    the same integer codes, so bit-identical outputs, decode and prefill."""
+    code = (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import test_kernels_native as t\n"
+        "t._native.select_isa('avx512')\n"
+        "spec, _ = t.lanes_weights('Q6_K', 48, 1024)\n"
+        "for m in (1, 5):\n"
+        "    y = np.full((m, 48), np.nan, np.float32)\n"
+        "    t.K.Linear(spec).forward(t._x(m, 1024), y)\n"
+        "    np.save(sys.argv[1] + f'-{m}.npy', y)\n"
+    )
+    for gfni in ("1", "0"):
+        env = {**os.environ, "KTPACK_GFNI": gfni}
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / gfni)], env=env, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    for m in (1, 5):
+        a, b = np.load(tmp_path / f"1-{m}.npy"), np.load(tmp_path / f"0-{m}.npy")
+        assert not np.isnan(a).any() and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)

@@ -8,6 +8,7 @@ namespace ktpack {
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512_vnni = false, avx512_bf16 = false;
+  bool gfni = false;  // GF2P8AFFINEQB (byte bit-matrix transforms: the Q6_K unpack)
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
   bool os_avx = false, os_avx512 = false, os_amx = false;  // XCR0 says the OS saves that state
   bool amx_permitted = false;                              // arch_prctl(ARCH_REQ_XCOMP_PERM) succeeded
