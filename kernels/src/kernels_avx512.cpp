@@ -354,11 +354,20 @@ inline __m128i k4_unpack_scales(const uint8_t* p) {
   return _mm_or_si128(lo, hi);
 }
 
-// Bytes ahead of the current block that a decode kernel prefetches. The unpack + multiply chain of a
-// block group is long enough that the out-of-order window holds only a few groups, fewer than DRAM's
-// latency needs in flight; measured on Q4_K 32768x2048 from DRAM, 1 thread: 6.7 GB/s without, 22 with.
-// KTPACK_PREFETCH overrides it (bytes; 0 still issues the instructions, on lines already loaded).
-int kPrefetch = 4096;
+// Software prefetch in the decode (one-token) kernels: KTPACK_PREFETCH=BYTES fetches that far ahead of
+// the block being unpacked; the default, -1, issues none and leaves the streams to the hardware
+// prefetchers. Measured on the 2-core EPYC (Zen 4) test host, from DRAM, one thread, the same matrices
+// alternately (2026-12-01): Q6_K lanes 188 MB 26.0-26.9 GB/s without vs 17.2-18.9 with (1-64 KiB ahead),
+// Q4_K lanes 68 MB 23.1-25.2 vs 20.2-22.6, Q8_0 lanes 28.4-28.8 vs 24.2-25.4, BF16 rows 24.3-26.6 vs
+// 21.1-21.5, ggml rows Q6_K 15.8-17.0 vs 14.2-14.7, amx_int4 level; with 4 KiB pages level too. (An older
+// row layout once needed it: 6.7 GB/s without, 22 with.) Every prefetch costs a fill buffer that a
+// demand miss or the hardware prefetcher would otherwise use.
+int kPrefetch = -1;
+
+// A decode kernel's prefetch of the line kPrefetch bytes after p (none when kPrefetch < 0).
+inline void prefetch_ahead(const void* p) {
+  if (kPrefetch >= 0) _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+}
 
 // Token rows 0..m-1 in blocks of 4, then the last 1-3 in one block: the GEMM kernels are templates on
 // their token count, and a one-token call costs ~2x per token of a 4-token one (an expert's 35 tokens,
@@ -393,8 +402,8 @@ void kquant_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, floa
   for (int t = 0; t < MT; ++t) ar[t] = a.row(r0 + t);
   for (int64_t b = 0; b < nb; ++b) {
     if constexpr (MT == 1) {  // decode streams the weights once: fetch ahead of the unpacking (see kPrefetch)
-      const char* pf = reinterpret_cast<const char*>(base + b * rg * BB) + kPrefetch;
-      for (int off = 0; off < rg * BB; off += 64) _mm_prefetch(pf + off, _MM_HINT_T0);
+      const char* pf = reinterpret_cast<const char*>(base + b * rg * BB);
+      for (int off = 0; kPrefetch >= 0 && off < rg * BB; off += 64) prefetch_ahead(pf + off);
     }
     XBlock xb[MT];
     for (int t = 0; t < MT; ++t) {
@@ -674,7 +683,7 @@ void q8_0_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float*
     }
     for (int i = 0; i < rg; ++i) {
       const uint8_t* blk = base + (b * rg + i) * 34;
-      if constexpr (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetch, _MM_HINT_T0);
+      if constexpr (MT == 1) prefetch_ahead(blk);
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(blk + 2));
       const __m256i aw = _mm256_abs_epi8(wv);
       const float dw = f16_to_f32(rd16(blk));
@@ -743,7 +752,7 @@ void q32_group(const WMat& w, const QAct& a, int64_t g0, int rg, int r0, float* 
     }
     for (int i = 0; i < rg; ++i) {
       const uint8_t* blk = base + (b * rg + i) * BB;
-      if constexpr (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetch, _MM_HINT_T0);
+      if constexpr (MT == 1) prefetch_ahead(blk);
       const __m256i c = q32_codes<T>(blk);
       const float d = f16_to_f32(rd16(blk));
       float mo;  // per unit of dx * xsum
@@ -798,8 +807,8 @@ void f32_rows_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
       for (int64_t b = 0; b < k4; b += 4) {
         const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x + b));
         const uint8_t* p = base + b * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+        prefetch_ahead(p);
+        prefetch_ahead(p + 64);
         acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(p)), _mm512_permutexvar_ps(i01, xb), acc0);
         acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(p + 64)), _mm512_permutexvar_ps(i23, xb),
                                acc1);
@@ -1015,8 +1024,8 @@ void bf16_pair(const WMat& w, const uint16_t* xs, int64_t g0, bool lone, int r0,
   for (int64_t b = 0; b < k4; b += 4) {
     const __m512i wa = _mm512_loadu_si512(pa + b * 16), wb = _mm512_loadu_si512(pb + b * 16);
     if (MT == 1) {
-      _mm_prefetch(reinterpret_cast<const char*>(pa + b * 16) + kPrefetch, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pb + b * 16) + kPrefetch, _MM_HINT_T0);
+      prefetch_ahead(pa + b * 16);
+      prefetch_ahead(pb + b * 16);
     }
     const __m512i w01 = _mm512_permutex2var_epi16(wa, i01, wb), w23 = _mm512_permutex2var_epi16(wa, i23, wb);
     for (int t = 0; t < MT; ++t) {
@@ -1080,7 +1089,7 @@ void amx_int8_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r
       __m512i acc[MT];
       for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
       for (int r = 0; r < 16; ++r) {
-        if constexpr (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * r) + kPrefetch, _MM_HINT_T0);
+        if constexpr (MT == 1) prefetch_ahead(tile + 64 * r);
         const __m512i wv = _mm512_loadu_si512(tile + 64 * r);
         for (int t = 0; t < MT; ++t)
           acc[t] = _mm512_dpbusd_epi32(acc[t], wv, bcast4(a.q + ar[t] * a.k + 64 * kb + 4 * r));
@@ -1122,7 +1131,7 @@ void amx_int4_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r
       for (int t = 0; t < MT; ++t)
         for (int j = 0; j < NG; ++j) acc[t][j] = _mm512_setzero_si512();
       for (int r = 0; r < 16; ++r) {
-        if constexpr (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * r) + kPrefetch, _MM_HINT_T0);
+        if constexpr (MT == 1) prefetch_ahead(tile + 64 * r);
         const __m512i v = _mm512_loadu_si512(tile + 64 * r);
         const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         // group of low nibble row r and of high nibble row r
@@ -1171,7 +1180,7 @@ void amx_bf16_nblock(const WMat& w, const uint16_t* xs, int64_t nt0, int tiles, 
         const uint8_t* tile = blk + s * 1024;
 #pragma GCC unroll 16
         for (int r = 0; r < 16; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * r) + kPrefetch, _MM_HINT_T0);
+          prefetch_ahead(tile + 64 * r);
           acc[s][0] = dp_bf16(acc[s][0], _mm512_loadu_si512(tile + 64 * r), bcast_pair(xs + 32 * kb + 2 * r));
         }
       }
@@ -1232,8 +1241,8 @@ void amx_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, in
 // summed exactly; the f16 super-block scales are applied in f32 once per 256 values (as ggml does).
 // One kernel call: row group g (16 rows), tokens r0..r0+MT-1, all of K.
 
-// Decode prefetches the block kPrefetch bytes ahead a few lines per tile row, spread over the block
-// (all of a block's lines at once measured 35% slower from DRAM: the fill buffers overflow).
+// With KTPACK_PREFETCH set, decode prefetches the block kPrefetch bytes ahead a few lines per tile row,
+// spread over the block (all of a block's lines at once measured 35% slower from DRAM).
 inline void prefetch_lines(const uint8_t* p, int lines) {
   if (kPrefetch < 0) return;  // KTPACK_PREFETCH=-1: none (the hardware prefetchers alone)
   for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64 * i, _MM_HINT_T0);
