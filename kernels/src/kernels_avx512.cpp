@@ -1339,6 +1339,20 @@ void lanes_q4k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + 16 * g, f[t]);
 }
 
+// Q6_K lanes: tile rows 4s..4s+3's four sub-block dots (acc[t][i]: sub-block 4i+s) into the block's sum.
+// Codes are offset by 32: subtract 32 x the sub-block's activation sum, then times its int8 scale.
+template <int MT>
+inline void q6k_add_subblocks(const __m512i (&acc)[MT][4], const uint8_t* blk, int s, const TokenRows<MT>& x, int64_t b,
+                              __m512i* isum) {
+  for (int i = 0; i < 4; ++i) {
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 3072 + 16 * (4 * i + s))));
+    for (int t = 0; t < MT; ++t) {
+      const __m512i dot = _mm512_sub_epi32(acc[t][i], _mm512_set1_epi32(32 * x.s16[t][16 * b + 4 * i + s]));
+      isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc));
+    }
+  }
+}
+
 template <int MT>
 void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_t ldy, const NextLines& nx = {}) {
   constexpr int BB = 3360;
@@ -1376,13 +1390,7 @@ void lanes_q6k(const WMat& w, const QAct& a, int64_t g, int r0, float* y, int64_
           for (int i = 0; i < 4; ++i)
             acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], c[i], bcast4(x.q[t] + 256 * b + 64 * i + 4 * r));
       }
-      for (int i = 0; i < 4; ++i) {  // codes are offset by 32: subtract 32 * the sub-block's activation sum
-        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 3072 + 16 * (4 * i + s))));
-        for (int t = 0; t < MT; ++t) {
-          const __m512i dot = _mm512_sub_epi32(acc[t][i], _mm512_set1_epi32(32 * x.s16[t][16 * b + 4 * i + s]));
-          isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc));
-        }
-      }
+      q6k_add_subblocks<MT>(acc, blk, s, x, b, isum);
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 3328)));
     for (int t = 0; t < MT; ++t)
@@ -1436,13 +1444,7 @@ __attribute__((target("gfni"))) void lanes_q6k_gfni(const WMat& w, const QAct& a
           for (int i = 0; i < 4; ++i)
             acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], c[i], bcast4(x.q[t] + 256 * b + 64 * i + 4 * r));
       }
-      for (int i = 0; i < 4; ++i) {
-        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 3072 + 16 * (4 * i + s))));
-        for (int t = 0; t < MT; ++t) {
-          const __m512i dot = _mm512_sub_epi32(acc[t][i], _mm512_set1_epi32(32 * x.s16[t][16 * b + 4 * i + s]));
-          isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc));
-        }
-      }
+      q6k_add_subblocks<MT>(acc, blk, s, x, b, isum);
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 3328)));
     for (int t = 0; t < MT; ++t)
