@@ -300,7 +300,9 @@ def prefill_values(p: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
 def stacked_as_one(w: object) -> CpuLinear | None:
     """A stacked CPU weight `[M, N, K]` as the one matrix `[M*N, K]` over the same mapped bytes, where the
     layout stores a stack as the concatenation of its matrices' row groups (ggml_lanes_v1 always;
-    ggml_rows_v1 when N is a multiple of its group), else None; native stays native and the reference
+    ggml_rows_v1 when N is a multiple of its group; amx_bf16_v1 when N is a multiple of its N-block of
+    16 * n_block rows: no scales between matrices, and matrix m's N-blocks are then the flat matrix's
+    N-blocks m * N / (16 * n_block) onwards), else None; native stays native and the reference
     engines keep their activation rounding, so every engine regroups alike. Prefill uses it to apply
     attn_v_b to every cached latent row at once: y[:, m*N:(m+1)*N] = x W_m^T."""
     if not isinstance(w, CpuLinear) or len(w.shape) != 3 or w.entry.split_axis is not None:
@@ -308,7 +310,12 @@ def stacked_as_one(w: object) -> CpuLinear | None:
     m, n, k = w.shape
     e = w.entry
     rows = int(e.params.get("rows", 0) or 0)
-    if not (e.layout == L.GGML_LANES or (e.layout == L.GGML_ROWS and rows and n % rows == 0)):
+    n_block = int(e.params.get("n_block", 0) or 0)
+    if not (
+        e.layout == L.GGML_LANES
+        or (e.layout == L.GGML_ROWS and rows and n % rows == 0)
+        or (e.layout == L.AMX_BF16 and n_block and n % (L.TILE_N * n_block) == 0)
+    ):
         return None
     flat = dataclasses.replace(e, shape=[m * n, k])
     if isinstance(w, NativeLinear):

@@ -21,7 +21,7 @@ from oracle import Packs, compare, hf_logits, oracle_for, session_packs
 from ktpack.layouts import manifest as mf
 from ktpack.layouts.errors import ManifestError
 from ktpack.layouts.tensor_io import tensor_values
-from ktpack.runtime.model import DeepseekV3Model, KVCache
+from ktpack.runtime.model import DeepseekV3Model, KVCache, linear
 from ktpack.runtime.weights import load_pack
 
 N_TOKENS = 80
@@ -130,6 +130,27 @@ def test_values_from_cache_rows_equal_absorbed(tiny_dir, packs, ids, monkeypatch
     absorbed = model.forward(ids, 0, KVCache(model.config, CTX))
     assert (rows - absorbed).abs().max().item() <= 1e-4 * absorbed.abs().max().item()
     assert (rows - absorbed).abs().max().item() > 0, "the two forms should not be the same code path"
+
+
+@pytest.mark.parametrize("engine", ["native", "ref"])
+@pytest.mark.parametrize("cpu_layout", [None, "amx-bf16"], ids=["ggml_rows", "amx_bf16"])
+def test_stacked_v_b_as_one_matrix(tiny_dir, packs, engine, cpu_layout):
+    """attn_v_b [H, v, kv_lora] read as the one matrix [H*v, kv_lora] over the same bytes (what prefill's
+    values-from-rows uses): its rows m*v..(m+1)*v are matrix m, bit for bit (the same kernel on the same
+    weight bytes and the same activation rounding; amx_bf16: the tile blocks of the stack in flat order).
+    The reference engine: the dequantized weights equal (its products go through torch, whose 2-D and
+    batched paths sum in different orders)."""
+    opts = {"cpu_layout": cpu_layout} if cpu_layout else {}
+    model = DeepseekV3Model(load_pack(packs("tiny-F32.gguf", target="cpu", **opts), engine=engine))
+    a = model.blocks[1].attn
+    assert a.v_rows is not None, "the stack is one matrix"
+    if engine == "ref":
+        assert torch.equal(a.v_rows.weight().view(a.h, a.v, a.kv_lora), a.v_b.weight())
+        return
+    x = torch.randn(5, a.kv_lora, generator=torch.Generator().manual_seed(7))
+    flat = linear(a.v_rows, x).view(5, a.h, a.v)
+    per_head = linear(a.v_b, x[:, None, :].expand(5, a.h, a.kv_lora).contiguous())
+    assert torch.equal(flat, per_head)
 
 
 def test_cache_bounds(tiny_dir, packs, ids):
