@@ -153,6 +153,23 @@ def test_stacked_v_b_as_one_matrix(tiny_dir, packs, engine, cpu_layout):
     assert torch.equal(flat, per_head)
 
 
+def test_rope_pairs_rotated(tiny_dir, packs):
+    """RoPE on a query's rope part (a strided view, as q_pe is) rotates each adjacent pair by its position's
+    angle: within 2 f32 roundings of the f64 rotation, on the CPU's complex-product path."""
+    model = DeepseekV3Model(load_pack(packs("tiny-F32.gguf", target="cpu")))
+    cache = KVCache(model.config, CTX)
+    q = torch.randn(7, 4, 192, generator=torch.Generator().manual_seed(3))
+    pos = torch.tensor([0, 1, 2, 5, 17, 60, 95])
+    got = cache.rope.apply(q[..., 128:], pos)
+    x = q[..., 128:].double().reshape(7, 4, 32, 2)
+    cos, sin = cache.rope.cos[pos].double()[:, None], cache.rope.sin[pos].double()[:, None]
+    want = torch.stack((x[..., 0] * cos - x[..., 1] * sin, x[..., 1] * cos + x[..., 0] * sin), -1).flatten(-2)
+    size = torch.stack((x[..., 0] * cos, x[..., 1] * sin, x[..., 1] * cos, x[..., 0] * sin), -1).abs()
+    bound = 2 * 2.0**-24 * size.reshape(7, 4, 32, 2, 2).sum(-1).flatten(-2)
+    assert ((got.double() - want).abs() <= bound).all()
+    assert (got.double() - want).abs().max() < (q[..., 128:].double() - want).abs().max()  # really rotated
+
+
 def test_cache_bounds(tiny_dir, packs, ids):
     folder = packs("tiny-F32.gguf", target="cpu")
     model = DeepseekV3Model(load_pack(folder))
