@@ -274,17 +274,27 @@ class NativeLinear(CpuLinear):
         return out
 
 
-def prefill_scores_bf16(
-    q: torch.Tensor, qr: torch.Tensor, c: torch.Tensor, kr: torch.Tensor, scale: float, out: torch.Tensor
+def prefill_probs_bf16(
+    q: torch.Tensor,
+    qr: torch.Tensor,
+    c: torch.Tensor,
+    kr: torch.Tensor,
+    scale: float,
+    heads: int,
+    pos0: int,
+    out: torch.Tensor,
 ) -> None:
-    """`out[m, t] = scale * (q[m] · c[t] + qr[m] · kr[t])` over a bf16 cache's rows, by the native decode
-    kernels (q rounded to bf16 as the decode step does, f32 sums), in parallel over the M query heads."""
+    """Attention probabilities over a bf16 cache's rows by the native decode kernels: the scores
+    `scale * (q[m] · c[t] + qr[m] · kr[t])` (q rounded to bf16 as the decode step does, f32 sums) and each
+    row's causal softmax, in parallel over the M query heads. Row m is head m % heads of the query at
+    position pos0 + m // heads, which sees cache rows 0..pos0 + m // heads (only those scores are computed);
+    `out[m]` holds its probabilities there and 0 after (what a -inf mask and a softmax give)."""
     from .. import kernels
 
     kernels.ensure_engine()
-    kernels._native.prefill_scores(
+    kernels._native.prefill_probs(
         q.contiguous().numpy(), qr.contiguous().numpy(), c.view(torch.int16).numpy(), kr.view(torch.int16).numpy(),
-        scale, out.numpy(),
+        scale, heads, pos0, out.numpy(),
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layouts.config import ModelConfig
-from .cpu_ops import CpuLinear, prefill_scores_bf16, prefill_values, stacked_as_one
+from .cpu_ops import CpuLinear, prefill_probs_bf16, prefill_values, stacked_as_one
 from .moe import MoE, Router, Routing
 from .rope import RopeTable, softmax_scale
 from .weights import Pack, ask_huge_pages
@@ -194,17 +194,17 @@ class _Attention:
                 n0 = min(n, int(pos[s]))
                 sc = buf[: (e - s) * self.h * n].view((e - s) * self.h, n)
                 if native16:
+                    # scores, causal mask and softmax in one native pass (hidden rows not even scored)
                     c16, k16 = cache.c_kv[self.layer, :n], cache.k_pe[self.layer, :n]
-                    prefill_scores_bf16(
-                        qa[s * self.h : e * self.h], qp[s * self.h : e * self.h], c16, k16, self.scale, sc
-                    )
-                    sc = sc.view(e - s, self.h, n)
+                    rows = slice(s * self.h, e * self.h)
+                    prefill_probs_bf16(qa[rows], qp[rows], c16, k16, self.scale, self.h, int(pos[s]), sc)
+                    probs = sc.view(e - s, self.h, n)
                 else:
                     torch.addmm(sc, qa[s * self.h : e * self.h], ck[:n].t(), beta=0, alpha=self.scale, out=sc)
                     sc = sc.addmm_(qp[s * self.h : e * self.h], kp[:n].t(), alpha=self.scale).view(e - s, self.h, n)
-                diag = torch.where(cache.positions[None, n0:n] <= pos[s:e, None], 0.0, float("-inf"))
-                sc[..., n0:n] += diag[:, None, :]
-                probs = torch.softmax(sc, dim=-1)
+                    diag = torch.where(cache.positions[None, n0:n] <= pos[s:e, None], 0.0, float("-inf"))
+                    sc[..., n0:n] += diag[:, None, :]
+                    probs = torch.softmax(sc, dim=-1)
             else:
                 sc = torch.einsum("thc,nc->thn", q_abs[s:e], ck[:n]) + torch.einsum("thr,nr->thn", q_pe[s:e], kp[:n])
                 mask = torch.where(cache.positions[None, :n] <= pos[s:e, None], 0.0, float("-inf"))

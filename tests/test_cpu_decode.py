@@ -144,12 +144,13 @@ def test_bf16_cache_decode(isa, isa_env, packs):
     print(f"\n[{isa}] bf16 cache: vs torch on the same cache {worst:.3g}, top-1 same {same}/16")
 
 
-def test_bf16_cache_prefill_scores(packs, monkeypatch):
-    """A prefill of several query blocks over a bf16 cache takes its scores from the native kernels
-    (cpu_ops.prefill_scores_bf16): the logits of torch's f32 products of the bf16-rounded queries with the
-    widened cache rows. Only the summation order differs (~1e-7 relative on a score), but that can flip the
-    bf16 rounding of a row a later layer writes into the cache (2^-8 relative, as in test_bf16_cache_decode):
-    measured 1e-3 on the tiny model's logits, bound 0.01, top-1 the same at >= 148 of 150 positions."""
+def test_bf16_cache_prefill_probs(packs, monkeypatch):
+    """A prefill of several query blocks over a bf16 cache takes its attention probabilities (scores, causal
+    mask, softmax) from the native kernels (cpu_ops.prefill_probs_bf16): the logits of torch's f32 products
+    of the bf16-rounded queries with the widened cache rows, masked and softmaxed by torch. Only the
+    summation order and the exponential differ (~1e-7 relative), but that can flip the bf16 rounding of a
+    row a later layer writes into the cache (2^-8 relative, as in test_bf16_cache_decode): measured 1e-3 on
+    the tiny model's logits, bound 0.01, top-1 the same at >= 148 of 150 positions."""
     from ktpack.runtime import model as model_mod
 
     folder = packs("tiny-F32.gguf", target="cpu")
@@ -160,14 +161,17 @@ def test_bf16_cache_prefill_scores(packs, monkeypatch):
         calls.append(args[0].shape[0])
         return native(*args)
 
-    def torch_scores(q, qr, c, kr, scale, out):
+    def torch_probs(q, qr, c, kr, scale, heads, pos0, out):
         torch.addmm(out, q.bfloat16().float(), c.float().t(), beta=0, alpha=scale, out=out)
         out.addmm_(qr.bfloat16().float(), kr.float().t(), alpha=scale)
+        query_pos = pos0 + torch.arange(out.shape[0]) // heads
+        out.masked_fill_(torch.arange(out.shape[1])[None, :] > query_pos[:, None], float("-inf"))
+        out.copy_(torch.softmax(out, dim=-1))
 
-    native = model_mod.prefill_scores_bf16
+    native = model_mod.prefill_probs_bf16
     logits = []
-    for fn in (counted, torch_scores):
-        monkeypatch.setattr(model_mod, "prefill_scores_bf16", fn)
+    for fn in (counted, torch_probs):
+        monkeypatch.setattr(model_mod, "prefill_probs_bf16", fn)
         model = DeepseekV3Model(load_pack(folder, engine="native"))
         logits.append(model.forward(ids, 0, KVCache(model.config, 160, dtype=torch.bfloat16)))
     assert len(calls) == 3 * model.config.num_hidden_layers  # 150 tokens: 3 query blocks per layer

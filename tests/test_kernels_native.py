@@ -246,24 +246,39 @@ def test_decode_attention_kernels(isa, kv, heads, D, R, t0, t1, use_isa):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("heads,D,R,n", [(37, 512, 64, 45), (8, 48, 16, 9)])
-def test_prefill_scores_bf16(isa, heads, D, R, n, use_isa):
-    """The prefill's scores over a bf16 cache (many query heads at once, split over the pool's threads): the
-    bf16 decode scores kernel's arithmetic and bound (test_decode_attention_kernels) for every head and row;
-    a head count that is not a multiple of the kernels' 4-head block, and a shape only the generic loops take."""
+@pytest.mark.parametrize("T,H,D,R,n,pos0", [(3, 13, 512, 64, 45, 40), (4, 16, 512, 64, 300, 250), (2, 2, 48, 16, 9, 9)])
+def test_prefill_probs_bf16(isa, T, H, D, R, n, pos0, use_isa):
+    """The prefill's attention probabilities over a bf16 cache (T query tokens x H heads at once, split over
+    the pool's threads): row t*H+h sees the cache rows 0..pos0+t and is their softmax, 0 on the rows after.
+    Scores: the bf16 decode kernel's arithmetic and bound b (test_decode_attention_kernels), so each visible
+    probability is within a factor exp(+-2 max b) of softmax of the exact scores, times (1 + e): e covers the
+    exponential (rel. 2e-7), the f32 rounding of s - max (2^-24 |s - max|) and the f32 sum and the 1/sum
+    product ((n + 4) 2^-24). Cases: a head count that is not a multiple of the kernels' 4-head block, query
+    rows whose visible range ends inside / beyond the cache (pos0 + t >= n), a shape only the generic loops
+    take."""
     use_isa(isa)
-    rng = np.random.default_rng(heads + n)
-    q, qr = rng.standard_normal((heads, D)).astype(np.float32), rng.standard_normal((heads, R)).astype(np.float32)
+    rng = np.random.default_rng(T * H + n)
+    M = T * H
+    q, qr = rng.standard_normal((M, D)).astype(np.float32), rng.standard_normal((M, R)).astype(np.float32)
     cs, ks = _bf16(rng.standard_normal((n, D))), _bf16(rng.standard_normal((n, R)))
-    s = np.full((heads, n), np.nan, np.float32)
-    _native.prefill_scores(q, qr, cs, ks, 0.125, s)
+    s = np.full((M, n), np.nan, np.float32)
+    _native.prefill_probs(q, qr, cs, ks, 0.125, H, pos0, s)
     c64, k64 = _widen_bf16(cs), _widen_bf16(ks)
     q64, qr64 = _widen_bf16(_bf16(q)), _widen_bf16(_bf16(qr))
-    want = (q64 @ c64.T + qr64 @ k64.T) * 0.125
+    exact = (q64 @ c64.T + qr64 @ k64.T) * 0.125
     bound = (D + R + 16) * 2.0**-24 * (np.abs(q64) @ np.abs(c64).T + np.abs(qr64) @ np.abs(k64).T) * 0.125
-    assert (np.abs(s - want) <= bound).all()
+    for m in range(M):
+        lim = min(n, pos0 + m // H + 1)
+        assert (s[m, lim:] == 0).all(), "a hidden cache row got a probability"
+        z = exact[m, :lim] - exact[m, :lim].max()
+        want = np.exp(z) / np.exp(z).sum()
+        e = 2e-7 + 2.0**-24 * np.abs(z).max() + (n + 4) * 2.0**-24
+        rel = np.expm1(2 * bound[m, :lim].max() + 2 * e)
+        assert (np.abs(s[m, :lim] - want) <= rel * want + 1e-37).all(), m
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        _native.prefill_scores(q, qr, cs, ks, 0.125, s[:, :-1].copy())
+        _native.prefill_probs(q, qr, cs, ks, 0.125, H, pos0, s[:, :-1].copy())
+    with pytest.raises(ValueError, match="whole tokens"):
+        _native.prefill_probs(q, qr, cs, ks, 0.125, H + 1, pos0, s)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)

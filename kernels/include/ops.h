@@ -17,11 +17,15 @@ bool select_isa(const char* name);
 // the reads cannot be optimized away.
 uint64_t read_all(const uint8_t* p, int64_t n);
 
-// Prefill attention scores over a bf16 latent cache, the decode kernels' arithmetic (q rounded to bf16,
-// f32 sums) for M query heads at once (a block of tokens x heads; MLA's heads share the cache rows):
-// s[m * n + t] = scale * (q[m] · c[t] + qr[m] · kr[t]) for t < n, in parallel over the heads.
-void prefill_scores_bf16(const float* q, const float* qr, int64_t M, int64_t D, int64_t R, const uint16_t* c,
-                         const uint16_t* kr, int64_t n, float scale, float* s);
+// Prefill attention probabilities over a bf16 latent cache, the decode kernels' arithmetic for the scores
+// (q rounded to bf16, f32 sums) for M query heads at once (a block of tokens x heads; MLA's heads share the
+// cache rows), in parallel over the heads: the score of row m and cache row t is
+// scale * (q[m] · c[t] + qr[m] · kr[t]). Row m is head m % H of token m / H at position pos0 + m / H
+// (positions ascend by one), which sees the cache rows 0..pos0 + m / H: only those scores are computed,
+// and s[m * n + t] is the row's softmax probability there, 0 at every hidden t < n (what a -inf mask and a
+// softmax give, in one pass over the row).
+void prefill_probs_bf16(const float* q, const float* qr, int64_t M, int64_t H, int64_t D, int64_t R, const uint16_t* c,
+                        const uint16_t* kr, int64_t n, int64_t pos0, float scale, float* s);
 
 // Prefill attention values of a block of T queries over n rows: out[t][h][:] = sum_j p[t][h][j] v[j][h][:]
 // (p [T][H][n], v [n][H][V], out [T][H][V], f32), heads split over the pool.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -117,15 +118,28 @@ uint64_t read_all(const uint8_t* p, int64_t n) {
   return x;
 }
 
-void prefill_scores_bf16(const float* q, const float* qr, int64_t M, int64_t D, int64_t R, const uint16_t* c,
-                         const uint16_t* kr, int64_t n, float scale, float* s) {
+void prefill_probs_bf16(const float* q, const float* qr, int64_t M, int64_t H, int64_t D, int64_t R, const uint16_t* c,
+                        const uint16_t* kr, int64_t n, int64_t pos0, float scale, float* s) {
   ThreadPool& p = pool();
   const Kernels& kt = kernels();
-  // head ranges in multiples of 4 (the kernels' register block), two per thread for balance
+  // query-head rows in ranges of multiples of 4 (the score kernels' register block), two per thread
   const int64_t units = (M + 3) / 4, tasks = std::max<int64_t>(1, std::min<int64_t>(units, 2 * p.threads()));
   auto body = [&](int64_t i, int) {
     const int64_t h0 = std::min(M, i * units / tasks * 4), h1 = std::min(M, (i + 1) * units / tasks * 4);
-    if (h1 > h0) kt.attn_scores_bf16(q + h0 * D, D, qr + h0 * R, R, h1 - h0, c, D, kr, R, 0, n, scale, s + h0 * n, n);
+    for (int64_t t = h0 / H; t * H < h1; ++t) {  // the rows of query token t (position pos0 + t) in h0..h1
+      const int64_t r0 = std::max(h0, t * H), r1 = std::min(h1, (t + 1) * H);
+      const int64_t lim = std::min(n, std::max<int64_t>(0, pos0 + t + 1));  // keys 0..pos0+t are visible
+      if (lim > 0)
+        kt.attn_scores_bf16(q + r0 * D, D, qr + r0 * R, R, r1 - r0, c, D, kr, R, 0, lim, scale, s + r0 * n, n);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = s + r * n;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, row[j]);
+        const float inv = lim > 0 ? 1.f / kt.exp_sum(row, lim, mx) : 0.f;
+        for (int64_t j = 0; j < lim; ++j) row[j] *= inv;
+        std::fill(row + lim, row + n, 0.f);
+      }
+    }
   };
   if (tasks == 1)
     body(0, 0);
