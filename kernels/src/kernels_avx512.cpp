@@ -1160,14 +1160,30 @@ void amx_int4_nblock(const WMat& w, const QAct& a, int64_t nt0, int tiles, int r
     for (int t = 0; t < MT; ++t) _mm512_storeu_ps(y + (r0 + t) * ldy + (nt0 + s) * 16, accf[s][t]);
 }
 
+// Prefill: while a kernel call works on row group g (amx_bf16: N-block g) from cache, it fetches a share of
+// group g+1 (the next weights, cold in DRAM the first time) a few lines per super-block (K-block); the
+// calls of one group's token blocks share the group between them. kNextGroup = 0 (KTPACK_NEXT_GROUP=0)
+// turns it off.
+int kNextGroup = 1;
+struct NextLines {
+  const char* p = nullptr;  // first line of this call's share (nullptr: none)
+  int64_t lines = 0;        // lines in the share
+  inline void at(int64_t b, int64_t nb) const {
+    if (!p) return;
+    for (int64_t i = b * lines / nb, i1 = (b + 1) * lines / nb; i < i1; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+  }
+};
+
 // amx_bf16 with vdpbf16ps: a tile row is 16 output rows x one (k, k+1) bf16 pair, the pair the
 // instruction multiplies, so one broadcast activation pair (bf16, rounded as in bf16_rows_gemm) gives
 // 16 outputs x 2 exact products. One token (decode) reads the tiles one after another, front to back;
 // MT tokens read row r of all the block's tiles before row r + 1 (tiles x MT independent chains, ~7%
 // faster in a prefill; from DRAM that order halved the one-token rate: 21 -> 11 GB/s). One thread, 64
 // tokens, 512 x 2048: 47 -> 115 GMAC/s against the f32 FMAs on widened weights it replaced.
+// (noinline: inlined into amx_bf16_gemm's token-block lambda, GCC 12 made it 105 -> 45 GMAC/s.)
 template <int MT>
-void amx_bf16_nblock(const WMat& w, const uint16_t* xs, int64_t nt0, int tiles, int r0, float* y, int64_t ldy) {
+__attribute__((noinline)) void amx_bf16_nblock(const WMat& w, const uint16_t* xs, int64_t nt0, int tiles, int r0,
+                                               float* y, int64_t ldy, const NextLines& nx = {}) {
   const int64_t kt = w.k / 32, K = w.k;
   const uint8_t* base = w.data + nt0 * kt * 1024;
   __m512 acc[4][MT];
@@ -1185,6 +1201,7 @@ void amx_bf16_nblock(const WMat& w, const uint16_t* xs, int64_t nt0, int tiles, 
         }
       }
     } else {
+      nx.at(kb, kt);
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r)
         for (int s = 0; s < 4; ++s) {
@@ -1203,17 +1220,30 @@ void amx_bf16_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
     gemm_rows<row_amx_bf16>(w, a, n0, n1, y, ldy);
     return;
   }
-  const int64_t n_tiles = w.n / 16;
+  const int64_t n_tiles = w.n / 16, kt = w.k / 32;
   for (int r0 = 0; r0 < a.m; r0 += kBf16Tokens) {
     const int mt = int(imin64(kBf16Tokens, a.m - r0));
     const uint16_t* xs = bf16_rows(a, r0, mt, w.k);
+    const int calls = (mt + 3) / 4;  // by_token_blocks' calls per N-block
     for (int64_t nt0 = n0 / 16; nt0 < n1 / 16; nt0 += w.n_block) {
       const int tiles = int(imin64(w.n_block, n_tiles - nt0));
       // the N-block (tiles x K bf16: 256 KiB at K = 2048) in at the streaming rate before its token
-      // blocks reuse it from L2: bench-BF16 512-token prefill 1.17-1.20 -> 1.08-1.12 s (3 alternations)
-      if (mt >= 8) touch(w.data + nt0 * (w.k / 32) * 1024, tiles * (w.k / 32) * 1024);
-      by_token_blocks(
-          mt, [&](auto n, int t) { amx_bf16_nblock<decltype(n)::n>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy); });
+      // blocks reuse it from L2: bench-BF16 512-token prefill 1.17-1.20 -> 1.08-1.12 s (3 alternations);
+      // once the previous block's calls have prefetched it (below), this only walks L2
+      if (mt >= 8) touch(w.data + nt0 * kt * 1024, tiles * kt * 1024);
+      // while they work on it, the calls fetch the next N-block of the range (lines split between them)
+      const int64_t nx0 = nt0 + w.n_block;
+      const bool next = kNextGroup && mt >= 8 && nx0 < n1 / 16;
+      const int64_t next_lines = next ? imin64(w.n_block, n_tiles - nx0) * kt * 16 : 0;
+      const char* nbase = reinterpret_cast<const char*>(w.data + nx0 * kt * 1024);
+      by_token_blocks(mt, [&](auto n, int t) {
+        NextLines nx;
+        if (next) {
+          const int64_t j = t / 4, l0 = j * next_lines / calls, l1 = (j + 1) * next_lines / calls;
+          nx.p = nbase + 64 * l0, nx.lines = l1 - l0;
+        }
+        amx_bf16_nblock<decltype(n)::n>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy, nx);
+      });
     }
   }
 }
@@ -1247,19 +1277,6 @@ inline void prefetch_lines(const uint8_t* p, int lines) {
   if (kPrefetch < 0) return;  // KTPACK_PREFETCH=-1: none (the hardware prefetchers alone)
   for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch + 64 * i, _MM_HINT_T0);
 }
-
-// Prefill: while a kernel call works on row group g from cache, it fetches a share of row group g+1 (the
-// next weights, cold in DRAM the first time) a few lines per super-block; the calls of one group's token
-// blocks share the group between them. kNextGroup = 0 (KTPACK_NEXT_GROUP=0) turns it off.
-int kNextGroup = 1;
-struct NextLines {
-  const char* p = nullptr;  // first line of this call's share (nullptr: none)
-  int64_t lines = 0;        // lines in the share
-  inline void at(int64_t b, int64_t nb) const {
-    if (!p) return;
-    for (int64_t i = b * lines / nb, i1 = (b + 1) * lines / nb; i < i1; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
-  }
-};
 
 // The activation rows of MT tokens as a lane kernel reads them: codes, one scale per `block` values, the
 // sums of every 16 codes.
