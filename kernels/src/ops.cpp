@@ -363,7 +363,7 @@ void ExpertsOp::forward(const float* x, int64_t T, const int64_t* idx, const flo
         for (int64_t r = 0; r < cnt; ++r) {
           float* dst = y_.data() + (off + r) * H + t.n0;
           const float* src = tmp.data() + r * w;
-          for (int64_t n = 0; n < w; ++n) dst[n] += src[n];
+          kt.axpy(1.f, src, dst, w);
         }
       }
     }
@@ -376,7 +376,7 @@ void ExpertsOp::forward(const float* x, int64_t T, const int64_t* idx, const flo
     for (int64_t j = 0; j < k; ++j) {
       const float wj = wts[t * k + j];
       const float* src = y_.data() + int64_t(pair_of_[t * k + j]) * H;
-      for (int64_t n = 0; n < H; ++n) o[n] += wj * src[n];
+      kt.axpy(wj, src, o, H);  // the ISA's kernel: this file is built for baseline x86-64 (SSE2)
     }
   };
   if (T == 1) combine(0, 0);
