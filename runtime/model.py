@@ -193,8 +193,9 @@ class _Attention:
             if blocks:
                 n0 = min(n, int(pos[s]))
                 sc = buf[: (e - s) * self.h * n].view((e - s) * self.h, n)
-                if native16:
-                    # scores, causal mask and softmax in one native pass (hidden rows not even scored)
+                if native16 and int(pos[e - 1]) - int(pos[s]) == e - s - 1:
+                    # scores, causal mask and softmax in one native pass (hidden rows not even scored); it
+                    # takes the block's positions as pos[s], pos[s] + 1, ... (what forward passes)
                     c16, k16 = cache.c_kv[self.layer, :n], cache.k_pe[self.layer, :n]
                     rows = slice(s * self.h, e * self.h)
                     prefill_probs_bf16(qa[rows], qp[rows], c16, k16, self.scale, self.h, int(pos[s]), sc)
