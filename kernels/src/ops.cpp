@@ -150,7 +150,14 @@ void prefill_probs_bf16(const float* q, const float* qr, int64_t M, int64_t H, i
 void prefill_values(const float* p, int64_t T, int64_t H, int64_t n, const float* v, int64_t V, float* out) {
   ThreadPool& pl = pool();
   const Kernels& kt = kernels();
-  auto body = [&](int64_t h, int) { kt.head_values(p + h * n, H * n, v + h * V, H * V, n, T, V, out + h * V, H * V); };
+  // Head h's value rows lie H * V floats apart (64 KiB on R1's 128 heads: a page per row); the kernel walks
+  // them once per pair of queries, so they are first copied together (n x V, in L2) per head.
+  thread_local std::vector<float> rows;
+  auto body = [&](int64_t h, int) {
+    rows.resize(size_t(n * V));
+    for (int64_t j = 0; j < n; ++j) std::memcpy(rows.data() + j * V, v + j * H * V + h * V, size_t(V) * sizeof(float));
+    kt.head_values(p + h * n, H * n, rows.data(), V, n, T, V, out + h * V, H * V);
+  };
   if (T * H * n * V < (int64_t(1) << 18)) {
     for (int64_t h = 0; h < H; ++h) body(h, 0);
   } else {
