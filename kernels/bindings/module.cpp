@@ -285,34 +285,6 @@ struct PyDecode {
 
 }  // namespace
 
-// The arrays of the prefill score kernels, checked: q [M][D], qr [M][R] f32; c [n][D], kr [n][R] bf16 bits;
-// s [M][n] f32 (written).
-struct ScoreArgs {
-  int64_t M, D, R, n;
-  const float *q, *qr;
-  const uint16_t *c, *kr;
-  float* s;
-};
-
-static ScoreArgs score_args(const char* what, py::array q, py::array qr, py::array c, py::array kr, py::array s) {
-  const std::string w(what);
-  if (q.ndim() != 2 || qr.ndim() != 2 || c.ndim() != 2 || kr.ndim() != 2 || s.ndim() != 2)
-    throw py::value_error(w + ": 2-d arrays expected");
-  ScoreArgs a{q.shape(0), q.shape(1), qr.shape(1), c.shape(0), nullptr, nullptr, nullptr, nullptr, nullptr};
-  if (qr.shape(0) != a.M || c.shape(1) != a.D || kr.shape(0) != a.n || kr.shape(1) != a.R || s.shape(0) != a.M ||
-      s.shape(1) != a.n)
-    throw py::value_error(w + ": inconsistent shapes");
-  if (c.itemsize() != 2 || kr.itemsize() != 2 || !(c.flags() & py::array::c_style) ||
-      !(kr.flags() & py::array::c_style))
-    throw py::value_error(w + ": the cache rows must be C-contiguous bf16 bits");
-  a.q = f32_ptr(q, a.M * a.D, "q", false);
-  a.qr = f32_ptr(qr, a.M * a.R, "qr", false);
-  a.s = f32_ptr(s, a.M * a.n, "s", true);
-  a.c = static_cast<const uint16_t*>(c.data());
-  a.kr = static_cast<const uint16_t*>(kr.data());
-  return a;
-}
-
 PYBIND11_MODULE(_native, m) {
   m.doc() = "ktpack native CPU engine";
   m.def("cpu_features", [] {
@@ -366,11 +338,24 @@ PYBIND11_MODULE(_native, m) {
         // q [M][D], qr [M][R] f32; c [n][D], kr [n][R] bf16 bits (int16/uint16); s [M][n] f32, written:
         // row m (head m % heads of the token at position pos0 + m / heads) as its causal softmax, the
         // probabilities over cache rows 0..pos0 + m / heads, 0 after them.
-        const ScoreArgs a = score_args("prefill_probs", q, qr, c, kr, s);
-        if (heads < 1 || a.M % heads) throw py::value_error("prefill_probs: the rows are not whole tokens of heads");
+        if (q.ndim() != 2 || qr.ndim() != 2 || c.ndim() != 2 || kr.ndim() != 2 || s.ndim() != 2)
+          throw py::value_error("prefill_probs: 2-d arrays expected");
+        const int64_t M = q.shape(0), D = q.shape(1), R = qr.shape(1), n = c.shape(0);
+        if (qr.shape(0) != M || c.shape(1) != D || kr.shape(0) != n || kr.shape(1) != R || s.shape(0) != M ||
+            s.shape(1) != n)
+          throw py::value_error("prefill_probs: inconsistent shapes");
+        if (c.itemsize() != 2 || kr.itemsize() != 2 || !(c.flags() & py::array::c_style) ||
+            !(kr.flags() & py::array::c_style))
+          throw py::value_error("prefill_probs: the cache rows must be C-contiguous bf16 bits");
+        if (heads < 1 || M % heads) throw py::value_error("prefill_probs: the rows are not whole tokens of heads");
         if (pos0 < 0) throw py::value_error("prefill_probs: negative position");
+        const float* qp = f32_ptr(q, M * D, "q", false);
+        const float* qrp = f32_ptr(qr, M * R, "qr", false);
+        float* sp = f32_ptr(s, M * n, "s", true);
+        const auto* cp = static_cast<const uint16_t*>(c.data());
+        const auto* kp = static_cast<const uint16_t*>(kr.data());
         py::gil_scoped_release nogil;
-        ktpack::prefill_probs_bf16(a.q, a.qr, a.M, heads, a.D, a.R, a.c, a.kr, a.n, pos0, scale, a.s);
+        ktpack::prefill_probs_bf16(qp, qrp, M, heads, D, R, cp, kp, n, pos0, scale, sp);
       },
       py::arg("q"), py::arg("qr"), py::arg("c"), py::arg("kr"), py::arg("scale"), py::arg("heads"), py::arg("pos0"),
       py::arg("s"));

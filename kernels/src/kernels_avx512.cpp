@@ -1168,6 +1168,11 @@ int kNextGroup = 1;
 struct NextLines {
   const char* p = nullptr;  // first line of this call's share (nullptr: none)
   int64_t lines = 0;        // lines in the share
+  // Call j of `calls` on one group: lines [j L / calls, (j + 1) L / calls) of the L lines at `next`.
+  static NextLines share(const void* next, int64_t L, int64_t j, int64_t calls) {
+    const int64_t l0 = j * L / calls, l1 = (j + 1) * L / calls;
+    return {static_cast<const char*>(next) + 64 * l0, l1 - l0};
+  }
   inline void at(int64_t b, int64_t nb) const {
     if (!p) return;
     for (int64_t i = b * lines / nb, i1 = (b + 1) * lines / nb; i < i1; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
@@ -1235,13 +1240,8 @@ void amx_bf16_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* 
       const int64_t nx0 = nt0 + w.n_block;
       const bool next = kNextGroup && mt >= 8 && nx0 < n1 / 16;
       const int64_t next_lines = next ? imin64(w.n_block, n_tiles - nx0) * kt * 16 : 0;
-      const char* nbase = reinterpret_cast<const char*>(w.data + nx0 * kt * 1024);
       by_token_blocks(mt, [&](auto n, int t) {
-        NextLines nx;
-        if (next) {
-          const int64_t j = t / 4, l0 = j * next_lines / calls, l1 = (j + 1) * next_lines / calls;
-          nx.p = nbase + 64 * l0, nx.lines = l1 - l0;
-        }
+        const NextLines nx = next ? NextLines::share(w.data + nx0 * kt * 1024, next_lines, t / 4, calls) : NextLines{};
         amx_bf16_nblock<decltype(n)::n>(w, xs + t * w.k, nt0, tiles, r0 + t, y, ldy, nx);
       });
     }
@@ -1519,13 +1519,9 @@ void lanes_gemm(const WMat& w, const QAct& a, int64_t n0, int64_t n1, float* y, 
   const int calls = (a.m + 3) / 4;  // by_token_blocks' calls per group
   for (int64_t g = n0 / 16, g1 = n1 / 16; g < g1; ++g) {
     const bool next = kNextGroup && a.m > 1 && g + 1 < g1;
-    const char* nbase = reinterpret_cast<const char*>(w.data + (g + 1) * group_bytes);
     by_token_blocks(a.m, [&](auto mt, int r) {
-      NextLines nx;
-      if (next) {  // call j of `calls` fetches lines [j L / calls, (j + 1) L / calls) of group g + 1
-        const int64_t j = r / 4, l0 = j * group_lines / calls, l1 = (j + 1) * group_lines / calls;
-        nx.p = nbase + 64 * l0, nx.lines = l1 - l0;
-      }
+      const NextLines nx =
+          next ? NextLines::share(w.data + (g + 1) * group_bytes, group_lines, r / 4, calls) : NextLines{};
       lanes_call<T, decltype(mt)::n, GF>(w, a, g, r, y, ldy, nx);
     });
   }
